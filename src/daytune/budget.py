@@ -1,0 +1,92 @@
+"""The wall-clock budget: a deadline the run always finishes inside, with time kept back for the final save.
+
+`Budget.should_stop()` is asked before every optimizer step: it stops when the next step (measured, not guessed)
+plus the save reserve would cross the deadline. The reserve starts from a measured save and grows if a real save
+takes longer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from daytune.errors import ConfigError
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|hr|h|min|m|sec|s)")
+
+
+def parse_duration(value: str | int | float | None, field_name: str = "budget") -> float | None:
+    """'3m', '24h', '1h30m', '90s', '90' (seconds) or a number of seconds -> seconds. None/'none' -> None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{field_name}: expected a duration like '3m' or '24h', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("", "none", "null", "inf", "unlimited"):
+            return None
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            compact = text.replace(" ", "")
+            parts = _PART.findall(compact)
+            if not parts or "".join(n + u for n, u in parts) != compact:
+                raise ConfigError(
+                    f"{field_name}: cannot parse duration {value!r}; use a number of seconds or units "
+                    "s/m/h/d, e.g. '90s', '3m', '1h30m', '24h'"
+                )
+            seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{field_name}: duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "∞"
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+@dataclass
+class Budget:
+    """Deadline bookkeeping. `seconds=None` means no limit (the run ends on steps/epochs alone)."""
+
+    seconds: float | None
+    start: float = field(default_factory=time.monotonic)
+    spent_before: float = 0.0  # time used by earlier attempts of a resumed run
+    save_reserve: float = 1.0  # seconds kept back for the final save, updated from measured saves
+    safety: float = 1.5  # the next step may take this much longer than the slowest recent step
+    _step_times: list[float] = field(default_factory=list)
+
+    def elapsed(self) -> float:
+        return self.spent_before + (time.monotonic() - self.start)
+
+    def remaining(self) -> float | None:
+        return None if self.seconds is None else self.seconds - self.elapsed()
+
+    def record_step(self, seconds: float) -> None:
+        self._step_times.append(seconds)
+        del self._step_times[:-20]
+
+    def record_save(self, seconds: float) -> None:
+        """Keep room for twice the slowest save seen so far."""
+        self.save_reserve = max(self.save_reserve, 2.0 * seconds)
+
+    def next_step_estimate(self) -> float:
+        return max(self._step_times) * self.safety if self._step_times else 0.0
+
+    def should_stop(self) -> bool:
+        remaining = self.remaining()
+        if remaining is None:
+            return False
+        return remaining < self.next_step_estimate() + self.save_reserve
+
+    def fraction_used(self) -> float:
+        return 0.0 if self.seconds is None else min(1.0, self.elapsed() / self.seconds)

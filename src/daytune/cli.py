@@ -1,0 +1,244 @@
+"""The `daytune` command. Sub-commands map to stages; errors print as one clear line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from daytune import __version__
+from daytune.errors import DaytuneError
+
+EPILOG = """examples:
+  daytune run examples/quickstart.yaml                 data -> train (3 min) -> eval, base vs tuned
+  daytune run examples/quickstart.yaml --budget 30s    the same, shorter
+  daytune train examples/quickstart.yaml --resume auto continue the newest unfinished run of this recipe
+  daytune eval --run runs/<run-id>                     evaluate a run's adapter (and the base model)
+  daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="daytune",
+        description="One LLM, one GPU, one day: fine-tune, evaluate and serve.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"daytune {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; a status line every 15 s")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def recipe_args(sp, required=True):
+        sp.add_argument(
+            "recipe", nargs=None if required else "?", help="recipe YAML (see examples/quickstart.yaml)"
+        )
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)",
+        )
+        sp.add_argument(
+            "--budget", help="wall-clock training budget, e.g. 30s, 3m, 24h (same as --set train.budget=)"
+        )
+        sp.add_argument(
+            "--resume",
+            metavar="RUN_DIR|auto",
+            help="continue a run from its newest checkpoint (auto: newest unfinished run of this recipe)",
+        )
+
+    sp = sub.add_parser("run", help="data -> train -> eval (base and tuned) from one recipe")
+    recipe_args(sp)
+    sp = sub.add_parser("train", help="train only (LoRA) from a recipe")
+    recipe_args(sp, required=False)
+
+    sp = sub.add_parser("eval", help="held-out loss and multiple-choice accuracy, base vs tuned")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder: its model, adapter and recipe")
+    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model)")
+    sp.add_argument("--recipe", help="recipe YAML whose data/eval sections to use (default: the run's own)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    sp.add_argument("--out", help="results JSON path (default: <run>/eval.json or ./eval.json)")
+
+    sp = sub.add_parser("serve", help="serve a model through the competition HTTP API")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder: serve its model with its adapter merged")
+    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
+    sp.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    sp.add_argument("--port", type=int, default=8080)
+    sp.add_argument("--device", default="auto")
+
+    sub.add_parser("models", help="list the models daytune knows by name and the local model cache")
+    return p
+
+
+def _recipe(args):
+    from daytune.config import load_run_config
+
+    overrides = list(args.set) + ([f"train.budget={args.budget}"] if getattr(args, "budget", None) else [])
+    if args.recipe is None:
+        return None, overrides
+    return load_run_config(args.recipe, overrides), overrides
+
+
+def _cmd_run(args, reporter, train_only=False) -> int:
+    from daytune.pipeline import run_recipe, start_or_resume
+    from daytune.train.loop import train
+
+    cfg, overrides = _recipe(args)
+    if cfg is None and not args.resume:
+        raise DaytuneError("give a recipe YAML, or --resume RUN_DIR")
+    argv = ["daytune", *sys.argv[1:]]
+    if train_only:
+        cfg, run, checkpoint = start_or_resume(cfg, argv, args.resume, reporter, overrides)
+        reporter.log(f"Run folder: {run.path}")
+        train(cfg, run, reporter, resume=checkpoint)
+        reporter.print(f"Run folder: {run.path}")
+        return 0
+    run_recipe(cfg, argv, reporter, resume=args.resume, overrides=overrides)
+    return 0
+
+
+def _cmd_eval(args, reporter) -> int:
+    import torch
+
+    from daytune.config import load_run_config
+    from daytune.eval import evaluate
+    from daytune.fileio import write_json_atomic
+    from daytune.models import load_model, load_tokenizer, resolve_model
+    from daytune.pipeline import eval_table
+    from daytune.track import RunDir
+    from daytune.train.lora import load_adapter
+
+    if args.run:
+        run = RunDir.open(args.run)
+        cfg = load_run_config(args.recipe or run.path / "config.yaml", args.set)
+        model_ref, adapter = cfg.model, run.adapter
+        out = Path(args.out or run.path / "eval.json")
+    else:
+        cfg = load_run_config(args.recipe, args.set)
+        model_ref, adapter = args.model, args.adapter
+        out = Path(args.out or "eval.json")
+    if not (cfg.eval.heldout or cfg.eval.multiple_choice):
+        raise DaytuneError(
+            "nothing to evaluate: set eval.heldout and/or eval.multiple_choice (--recipe or --set)"
+        )
+    path = resolve_model(model_ref, log=reporter.log)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path)
+    results = {}
+    with torch.no_grad():
+        if adapter:
+            model = load_adapter(model, adapter)
+            if cfg.eval.base:
+                with model.disable_adapter():
+                    results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+            results["tuned"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+        else:
+            results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+    write_json_atomic(
+        out, {"model": model_ref, "adapter": str(adapter) if adapter else None, "results": results}
+    )
+    reporter.print(eval_table(results))
+    reporter.print(f"Results: {out}")
+    return 0
+
+
+def _cmd_serve(args, reporter) -> int:
+    import uvicorn
+
+    from daytune.config import load_run_config
+    from daytune.serve.app import create_app
+    from daytune.serve.model import ServeModel
+    from daytune.track import RunDir
+
+    if args.run:
+        run = RunDir.open(args.run)
+        if not (run.adapter / "adapter_config.json").is_file():
+            raise DaytuneError(f"{run.path}: no adapter/ yet (the run has not saved a model)")
+        cfg = load_run_config(run.path / "config.yaml")
+        server = ServeModel(cfg.model, run.adapter, device=args.device, run_id=run.run_id, log=reporter.log)
+    else:
+        if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise DaytuneError(
+                f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)"
+            )
+        server = ServeModel(args.model, args.adapter, device=args.device, log=reporter.log)
+    reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port}")
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _cmd_models(args, reporter) -> int:
+    from daytune.models import KNOWN_MODELS
+    from daytune.models.load import daytune_home
+
+    for name, m in KNOWN_MODELS.items():
+        reporter.print(f"{name:16s} {m.hub_id:40s} {m.licence:12s} {m.description}")
+    cache = daytune_home() / "models"
+    cached = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+    reporter.print(f"\ncache: {cache}" + ("".join(f"\n  {c}" for c in cached) if cached else " (empty)"))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advisory warnings drown daytune's own output; --debug keeps them."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="(transformers|peft|accelerate|torch)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from daytune.progress import Reporter
+
+    if not args.debug:
+        _quiet_libraries()
+    reporter = Reporter(quiet=args.quiet or os.environ.get("DAYTUNE_QUIET") == "1")
+    handlers = {
+        "run": lambda: _cmd_run(args, reporter),
+        "train": lambda: _cmd_run(args, reporter, train_only=True),
+        "eval": lambda: _cmd_eval(args, reporter),
+        "serve": lambda: _cmd_serve(args, reporter),
+        "models": lambda: _cmd_models(args, reporter),
+    }
+    try:
+        return handlers[args.command]()
+    except DaytuneError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"daytune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("daytune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: say so, keep the traceback behind --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"daytune: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

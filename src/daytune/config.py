@@ -1,0 +1,265 @@
+"""Typed configs: YAML in, dataclasses out, and an error that names the field for anything unknown or mistyped.
+
+A recipe (see examples/quickstart.yaml) has four sections: model, data, train, eval. Relative paths inside a
+recipe are resolved against the recipe's own folder, so a recipe and its data travel together. `--set a.b=v` on
+the command line overrides any field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daytune.budget import parse_duration
+from daytune.errors import ConfigError
+
+PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed")
+TEMPLATES = ("chat", "alpaca")
+METHODS = ("lora",)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # JSONL with instruction, optional input, output
+    template: str = "chat"  # "chat" (the model's chat template) or "alpaca"
+    max_seq_len: int = 512
+    max_rows: int | None = None  # use only the first N training rows
+    system_prompt: str | None = None  # chat template only; None keeps the template's default
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    micro_batch: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; default: epochs over the data
+    budget: str | None = None  # wall-clock limit, e.g. "3m", "24h"; the run always ends with a saved model
+    precision: str = "auto"
+    grad_clip: float | None = 1.0
+    seed: int = 42
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+
+@dataclass
+class EvalConfig:
+    heldout: str | None = None  # instruction JSONL: mean response-token loss
+    heldout_rows: int = 50
+    multiple_choice: str | None = (
+        None  # JSONL with question, choices, answer (index): accuracy by log-likelihood
+    )
+    multiple_choice_rows: int = 100
+    batch_size: int = 8
+    base: bool = True  # also evaluate the base model, for a base-vs-tuned table
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: str = "smollm2-135m"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs"  # relative to the current directory
+
+    def validate(self) -> RunConfig:
+        _choice("data.template", self.data.template, TEMPLATES)
+        _choice("train.method", self.train.method, METHODS)
+        _choice("train.precision", self.train.precision, PRECISIONS)
+        parse_duration(self.train.budget, "train.budget")
+        for name, value, low in [
+            ("data.max_seq_len", self.data.max_seq_len, 8),
+            ("train.micro_batch", self.train.micro_batch, 1),
+            ("train.grad_accum", self.train.grad_accum, 1),
+            ("train.checkpoint_every", self.train.checkpoint_every, 1),
+            ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
+            ("train.lora.r", self.train.lora.r, 1),
+            ("eval.batch_size", self.eval.batch_size, 1),
+        ]:
+            if value < low:
+                raise ConfigError(f"{name}: must be at least {low}, got {value}")
+        if self.train.lr <= 0:
+            raise ConfigError(f"train.lr: must be positive, got {self.train.lr}")
+        if self.train.epochs <= 0:
+            raise ConfigError(f"train.epochs: must be positive, got {self.train.epochs}")
+        if self.train.max_steps is not None and self.train.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be at least 1, got {self.train.max_steps}")
+        if not 0 <= self.train.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be within [0, 1], got {self.train.min_lr_ratio}")
+        if not self.train.lora.targets:
+            raise ConfigError("train.lora.targets: name at least one module, e.g. [q_proj, v_proj]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against a type hint, converting only what YAML cannot express (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError(f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and item_tp is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are an error that lists the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{path}'; valid keys{' in ' + where if where else ''}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.budget=30s' -> (['train', 'budget'], '30s'); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.budget=30s")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [k for k in key.strip().split(".") if k], value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+_PATH_FIELDS = [("data", "train"), ("eval", "heldout"), ("eval", "multiple_choice")]
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe YAML (or start from defaults), apply `--set` overrides, resolve paths, validate."""
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, eval) at the top")
+        data = loaded
+        base = path.resolve().parent
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value)
+    try:
+        cfg = from_dict(RunConfig, data)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    for section, key in _PATH_FIELDS:
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and not Path(value).is_absolute():
+            setattr(obj, key, str((base / value).resolve()))
+    model_path = base / cfg.model
+    if (
+        not Path(cfg.model).is_absolute()
+        and ("/" in cfg.model or cfg.model.endswith(".gguf"))
+        and model_path.exists()
+    ):
+        cfg.model = str(model_path.resolve())
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,87 @@
+"""Readers for JSONL files. Every error names the file and the line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from daytune.errors import DataError
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    count = 0
+    with open(path, "rb") as f:  # binary: a decoding error is reported on its own line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            if limit is not None and count >= limit:
+                return
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            count += 1
+            yield lineno, obj
+
+
+def _text_field(path: Path, lineno: int, obj: dict, key: str, required: bool) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            keys = ", ".join(sorted(obj)) or "none"
+            raise DataError(f"{path}:{lineno}: missing field '{key}' (fields present: {keys})")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
+    """Instruction records: `instruction` and `output` required, `input` optional."""
+    path = Path(path)
+    rows = []
+    for lineno, obj in read_jsonl(path, limit):
+        rows.append(
+            {
+                "instruction": _text_field(path, lineno, obj, "instruction", True),
+                "input": _text_field(path, lineno, obj, "input", False),
+                "output": _text_field(path, lineno, obj, "output", True),
+            }
+        )
+    if not rows:
+        raise DataError(f"{path}: no records (expected JSON lines with 'instruction' and 'output')")
+    return rows
+
+
+def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Multiple-choice records: `question`, `choices` (list of strings), `answer` (index into choices)."""
+    path = Path(path)
+    rows = []
+    for lineno, obj in read_jsonl(path, limit):
+        question = _text_field(path, lineno, obj, "question", True)
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{path}:{lineno}: 'choices' must be a list of at least two strings")
+        answer = obj.get("answer")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataError(
+                f"{path}:{lineno}: 'answer' must be an index into choices (0..{len(choices) - 1})"
+            )
+        rows.append(
+            {"question": question, "choices": choices, "answer": answer, "subject": obj.get("subject", "")}
+        )
+    if not rows:
+        raise DataError(f"{path}: no records (expected JSON lines with 'question', 'choices', 'answer')")
+    return rows

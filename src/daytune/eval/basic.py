@@ -1,0 +1,117 @@
+"""Two honest numbers for base vs tuned: held-out response loss (the training objective on unseen rows) and
+multiple-choice accuracy by comparing the log-likelihood of each option letter (HELM's MMLU prompt format)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from daytune.config import DataConfig, EvalConfig
+from daytune.data import encode_records, read_instructions, read_multiple_choice
+from daytune.data.batching import collate
+from daytune.engine import loglikelihood, response_loss
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@torch.no_grad()
+def heldout_loss(
+    model,
+    tokenizer,
+    records,
+    template: str,
+    max_seq_len: int,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+) -> dict:
+    examples, stats = encode_records(records, tokenizer, template, max_seq_len, system_prompt)
+    examples.sort(key=lambda e: len(e.input_ids))
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {
+            k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()
+        }
+        loss, n = response_loss(model, batch)
+        total += float(loss)
+        count += n
+    mean = total / max(1, count)
+    return {
+        "loss": round(mean, 5),
+        "perplexity": round(math.exp(mean), 4),
+        "tokens": count,
+        "rows": len(examples),
+        "truncated": stats.truncated,
+        "dropped": stats.dropped_no_response,
+    }
+
+
+def mc_prompt(row: dict) -> str:
+    subject = row.get("subject") or ""
+    header = (
+        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        if subject
+        else ""
+    )
+    options = "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(row["choices"]))
+    return f"{header}{row['question']}\n{options}Answer:"
+
+
+def _split_encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokenize context+continuation together and split, as lm-eval does, so merges at the seam are natural."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return whole[: len(ctx)], whole[len(ctx) :]
+
+
+@torch.no_grad()
+def multiple_choice_accuracy(model, tokenizer, rows, batch_size: int = 8) -> dict:
+    requests, owners = [], []
+    for r, row in enumerate(rows):
+        prompt = mc_prompt(row)
+        for i in range(len(row["choices"])):
+            requests.append(_split_encode(tokenizer, prompt, f" {LETTERS[i]}"))
+            owners.append((r, i))
+    scores = loglikelihood(model, requests, batch_size, tokenizer.pad_token_id)
+    best: dict[int, tuple[float, int]] = {}
+    for (r, i), s in zip(owners, scores):
+        if r not in best or s > best[r][0]:
+            best[r] = (s, i)
+    correct = sum(1 for r, row in enumerate(rows) if best[r][1] == row["answer"])
+    n = len(rows)
+    acc = correct / n
+    return {
+        "accuracy": round(acc, 4),
+        "stderr": round(math.sqrt(acc * (1 - acc) / n), 4),
+        "correct": correct,
+        "n": n,
+    }
+
+
+def evaluate(model, tokenizer, ecfg: EvalConfig, dcfg: DataConfig) -> dict:
+    """Everything `eval` in a recipe asks for, as one JSON-ready dict."""
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    out: dict = {}
+    try:
+        if ecfg.heldout:
+            records = read_instructions(ecfg.heldout, ecfg.heldout_rows)
+            out["heldout"] = heldout_loss(
+                model,
+                tokenizer,
+                records,
+                dcfg.template,
+                dcfg.max_seq_len,
+                ecfg.batch_size,
+                dcfg.system_prompt,
+            )
+        if ecfg.multiple_choice:
+            rows = read_multiple_choice(ecfg.multiple_choice, ecfg.multiple_choice_rows)
+            out["multiple_choice"] = multiple_choice_accuracy(model, tokenizer, rows, ecfg.batch_size)
+    finally:
+        model.train(was_training)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out

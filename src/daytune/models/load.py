@@ -1,0 +1,152 @@
+"""Resolve a model reference to a local Hugging Face folder, then load model and tokenizer from it.
+
+References: a registered name (`smollm2-135m`), a local HF folder (has config.json), a `.gguf` file, or a hub id
+(`org/name`). A GGUF is dequantized once and cached as safetensors under $DAYTUNE_HOME/models, because parsing
+GGUF metadata takes tens of seconds and transformers refuses to `save_pretrained` a GGUF-loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from daytune.errors import ModelError
+from daytune.models.registry import KNOWN_MODELS, embedded_gguf
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def daytune_home() -> Path:
+    return Path(os.environ.get("DAYTUNE_HOME", Path.home() / ".cache" / "daytune")).expanduser()
+
+
+def resolve_model(ref: str, *, log=print) -> Path:
+    """Return a local folder with config.json, tokenizer files and safetensors weights for `ref`."""
+    ref = str(ref).strip()
+    if not ref:
+        raise ModelError(
+            "empty model reference; use a name (smollm2-135m), a folder, a .gguf file or a hub id"
+        )
+    if ref in KNOWN_MODELS:
+        known = KNOWN_MODELS[ref]
+        if known.python_package:
+            return gguf_to_hf(embedded_gguf(known), log=log)
+        return _from_hub(known.hub_id)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return gguf_to_hf(path, log=log)
+    if path.exists():
+        raise ModelError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _from_hub(ref)
+    names = ", ".join(sorted(KNOWN_MODELS))
+    raise ModelError(
+        f"unknown model reference '{ref}': not a registered name ({names}), an existing folder or .gguf file, "
+        "or a hub id of the form org/name"
+    )
+
+
+def _from_hub(hub_id: str) -> Path:
+    """A hub id: use the local HF cache if it has the files, otherwise try to download them."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except Exception as e:  # network errors, gated repos, unknown ids all land here
+        raise ModelError(
+            f"cannot fetch '{hub_id}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "If this machine is offline, download the model elsewhere (`huggingface-cli download "
+            f"{hub_id} --local-dir DIR`), copy DIR here and pass --model DIR, or pass a .gguf file."
+        ) from None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def gguf_to_hf(gguf: Path, *, log=print) -> Path:
+    """Dequantize a GGUF once into $DAYTUNE_HOME/models/<stem>-<sha>/ (fp32 safetensors + tokenizer)."""
+    gguf = gguf.resolve()
+    target = daytune_home() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    log(f"Converting {gguf.name} to safetensors (once; cached in {target})...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise ModelError(f"cannot load GGUF {gguf}: {type(e).__name__}: {e}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: a plain fp32 model
+    config.name_or_path = gguf.stem
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"Converted in {time.monotonic() - t0:.0f}s.")
+    return target
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: Path, *, dtype=None, device: str | None = None):
+    """Load a causal LM from a resolved folder. `trust_remote_code` stays off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=False
+        )
+    except Exception as e:
+        raise ModelError(
+            f"cannot load a causal language model from {path}: {type(e).__name__}: {e}"
+        ) from None
+    if device:
+        model.to(device)
+    return model

@@ -1,0 +1,1 @@
+"""The competition's HTTP API: /process, /tokenize, /decode (as HELM's HTTPModelClient speaks it)."""

@@ -1,0 +1,1 @@
+"""Training: LoRA through PEFT in a plain loop with a wall-clock budget, atomic checkpoints and resume."""

@@ -1,0 +1,109 @@
+import pytest
+
+from daytune.budget import Budget, format_duration, parse_duration
+from daytune.config import RunConfig, load_run_config
+from daytune.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("3m", 180),
+        ("24h", 86400),
+        ("90s", 90),
+        ("1h30m", 5400),
+        ("90", 90),
+        (45, 45),
+        ("1.5h", 5400),
+        ("2d", 172800),
+    ],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["3 minutes please", "m3", "-5", "0", "3x", True, "1h 30q"])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(ConfigError, match="budget"):
+        parse_duration(bad)
+
+
+def test_no_budget_means_none():
+    assert parse_duration(None) is None and parse_duration("none") is None
+    assert format_duration(None) == "∞" and format_duration(3725) == "1h02m05s"
+
+
+def test_budget_stops_before_a_step_would_cross_the_deadline():
+    b = Budget(seconds=10.0, spent_before=0.0)
+    b.start -= 5.0  # 5 s already used
+    b.record_save(0.5)  # reserve 1 s
+    b.record_step(2.0)  # next step estimated at 3 s: 5 + 3 + 1 < 10
+    assert not b.should_stop()
+    b.record_step(3.5)  # slowest step 3.5 -> estimate 5.25: 5 + 5.25 + 1 > 10
+    assert b.should_stop()
+
+
+def test_budget_counts_time_from_before_a_resume():
+    b = Budget(seconds=100.0, spent_before=99.5)
+    assert b.should_stop() and b.remaining() < 0.5
+
+
+def test_unknown_key_names_it_and_lists_valid(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    msg = str(e.value)
+    assert "train.learning_rate" in msg and "lr" in msg and "micro_batch" in msg and str(p) in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("modle: x\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'.*model"):
+        load_run_config(p)
+
+
+def test_type_errors_name_the_field(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  micro_batch: four\n")
+    with pytest.raises(ConfigError, match="train.micro_batch: expected an integer"):
+        load_run_config(p)
+
+
+def test_bad_budget_and_choices(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  budget: soon\n")
+    with pytest.raises(ConfigError, match="train.budget"):
+        load_run_config(p)
+    p.write_text("train:\n  precision: fp8\n")
+    with pytest.raises(ConfigError, match="train.precision: 'fp8' is not one of"):
+        load_run_config(p)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: a\ntrain: [1,\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:\d+: not valid YAML"):
+        load_run_config(p)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "d").mkdir()
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  train: d/x.jsonl\ntrain:\n  lr: 0.1\n")
+    cfg = load_run_config(p, ["train.lr=3e-4", "train.budget=30s", "train.lora.targets=[q_proj]"])
+    assert cfg.train.lr == 3e-4 and cfg.train.budget == "30s" and cfg.train.lora.targets == ["q_proj"]
+    assert cfg.data.train == str((tmp_path / "d" / "x.jsonl").resolve())
+
+
+def test_defaults_validate():
+    assert RunConfig().validate().model == "smollm2-135m"
+
+
+def test_quickstart_recipe_loads():
+    from conftest import EXAMPLES
+
+    cfg = load_run_config(EXAMPLES / "quickstart.yaml")
+    assert cfg.train.budget == "3m" and cfg.model == "smollm2-135m"
+    assert cfg.data.train.endswith("gsm8k_train.jsonl")

@@ -1,0 +1,106 @@
+"""The shared forward-pass helpers agree with a plain full-logits computation."""
+
+import torch
+import torch.nn.functional as F
+
+from daytune import engine
+from daytune.data.batching import collate
+from daytune.data.tokenize import Example
+
+
+def full_logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_response_loss_matches_full_logits(tiny_model, monkeypatch):
+    model, _ = tiny_model
+    g = torch.Generator().manual_seed(0)
+    exs = [Example(torch.randint(3, 500, (n,), generator=g).tolist(), []) for n in (9, 14, 5)]
+    for e in exs:
+        e.labels = [-100] * 3 + e.input_ids[3:]
+    batch = collate(exs, pad_id=2)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        loss, n = engine.response_loss(model, batch)
+    assert n == sum(len(e.input_ids) - 3 for e in exs)
+    assert torch.allclose(loss, ref, atol=1e-4)
+    monkeypatch.setattr(
+        engine, "CHUNK", 4
+    )  # the chunked, checkpointed path gives the same value and gradient
+    with torch.no_grad():
+        chunked, _ = engine.response_loss(model, batch)
+    assert torch.allclose(chunked, ref, atol=1e-4)
+
+
+def test_chunked_loss_gradients_match(tiny_model, monkeypatch):
+    model, _ = tiny_model
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    w = model.get_output_embeddings().weight
+    grads = []
+    for chunk in (10_000, 5):
+        monkeypatch.setattr(engine, "CHUNK", chunk)
+        model.zero_grad()
+        loss, _ = engine.response_loss(model, batch)
+        loss.backward()
+        grads.append(w.grad.clone())
+    model.zero_grad()
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_token_logprobs_match_log_softmax(tiny_model):
+    model, _ = tiny_model
+    ids = [5, 77, 123, 9, 300, 41, 8]
+    ref = full_logprobs(model, ids)
+    got = engine.token_logprobs(model, ids, top_k=3)
+    assert len(got) == len(ids) - 1
+    for i, (lp, top) in enumerate(got):
+        assert abs(lp - ref[i, ids[i + 1]].item()) < 1e-5
+        best = ref[i].topk(3)
+        assert list(top) == best.indices.tolist()
+        assert max(abs(a - b) for a, b in zip(top.values(), best.values.tolist())) < 1e-5
+
+
+def test_loglikelihood_matches_manual_sum(tiny_model):
+    model, _ = tiny_model
+    reqs = [([5, 6, 7], [8]), ([5, 6, 7], [9]), ([10, 11], [12, 13, 14]), ([4], [15, 16])]
+    got = engine.loglikelihood(model, reqs, batch_size=2, pad_id=2)
+    for (ctx, cont), value in zip(reqs, got):
+        lp = full_logprobs(model, ctx + cont)
+        ref = sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+        assert abs(value - ref) < 1e-4
+
+
+def test_greedy_generation_matches_transformers(tiny_model):
+    model, _ = tiny_model
+    prompt = [5, 77, 123, 9]
+    ours = engine.generate(model, prompt, max_new_tokens=8, temperature=1e-7)
+    ref = model.generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
+    )
+    assert ours.token_ids == ref[0, len(prompt) :].tolist()
+    lp = full_logprobs(model, prompt + ours.token_ids)
+    for j, t in enumerate(ours.token_ids):
+        assert abs(ours.logprobs[j] - lp[len(prompt) - 1 + j, t].item()) < 1e-4
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model):
+    model, _ = tiny_model
+    a = engine.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    b = engine.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    c = engine.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=4)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_generation_stops_on_eos(tiny_model):
+    model, _ = tiny_model
+    first = engine.generate(model, [5, 6], max_new_tokens=5, temperature=0).token_ids[0]
+    out = engine.generate(model, [5, 6], max_new_tokens=5, temperature=0, eos_ids={first})
+    assert out.token_ids == [] and out.finish_reason == "eos"

@@ -1,0 +1,147 @@
+"""Integration tests on the real SmolLM2-135M-Instruct (the embedded GGUF, converted once and cached)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import EXAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    from daytune.models import resolve_model
+
+    return resolve_model("smollm2-135m", log=lambda *a: None)
+
+
+def test_conversion_is_cached_and_matches_the_gguf(smollm2_dir):
+    from daytune.models import resolve_model
+
+    assert (smollm2_dir / "model.safetensors").is_file() and (smollm2_dir / "tokenizer.json").is_file()
+    assert resolve_model("smollm2-135m") == smollm2_dir  # the second resolve hits the cache
+    from daytune.models import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_quickstart_with_a_30s_budget(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daytune",
+            "--quiet",
+            "run",
+            str(EXAMPLES / "quickstart.yaml"),
+            "--budget",
+            "30s",
+            "--set",
+            f"out_dir={tmp_path / 'runs'}",
+            "--set",
+            "eval.heldout_rows=10",
+            "--set",
+            "eval.multiple_choice_rows=20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    train = summary["train"]
+    assert train["stopped_by"] in ("budget", "max_steps") and train["steps"] >= 1
+    assert train["elapsed_seconds"] <= 30
+    for side in ("base", "tuned"):
+        assert summary["eval"][side]["heldout"]["rows"] == 10
+        assert summary["eval"][side]["multiple_choice"]["n"] == 20
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"daytune serve --run {run}" in out.stdout
+
+
+def test_server_echo_logprobs_equal_a_direct_forward(smollm2_dir):
+    from fastapi.testclient import TestClient
+
+    from daytune.serve.app import create_app
+    from daytune.serve.model import ServeModel
+
+    server = ServeModel(str(smollm2_dir), device="cpu", log=lambda *a: None)
+    client = TestClient(create_app(server))
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    body = client.post(
+        "/process",
+        json={
+            "prompt": prompt,
+            "echo_prompt": True,
+            "max_new_tokens": 3,
+            "temperature": 1e-7,
+            "top_k_per_token": 2,
+            "stop_sequences": [],
+        },
+    ).json()
+    ids = server.tokenizer(prompt)["input_ids"]
+    assert body["text"].startswith(prompt) and len(body["tokens"]) == len(ids) + 3
+    gen_ids = server.tokenizer(body["text"][len(prompt) :], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(server.model(torch.tensor([ids + gen_ids])).logits[0].float(), -1)
+    all_ids = ids + gen_ids
+    for i in range(1, len(body["tokens"])):
+        assert body["tokens"][i]["logprob"] == pytest.approx(lp[i - 1, all_ids[i]].item(), abs=1e-4)
+    assert " Berlin" in body["text"][len(prompt) :]
+
+
+def overfit_recipe(tmp_path, rows=8, **train):
+    import yaml
+
+    data = tmp_path / "eight.jsonl"
+    lines = (EXAMPLES / "data" / "gsm8k_train.jsonl").read_text().splitlines()[:rows]
+    data.write_text("\n".join(lines) + "\n")
+    cfg = {
+        "name": "overfit",
+        "model": "smollm2-135m",
+        "data": {"train": str(data), "max_seq_len": 160},
+        "train": {
+            "micro_batch": 4,
+            "grad_accum": 2,
+            "lr": 2e-3,
+            "warmup_steps": 1,
+            "precision": "32-true",
+            "checkpoint_every": 2,
+            "lora": {"dropout": 0.0},
+            **train,
+        },
+        "out_dir": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "overfit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_loss_decreases_when_overfitting_8_rows(tmp_path):
+    from daytune.cli import main
+
+    assert main(["--quiet", "train", str(overfit_recipe(tmp_path, max_steps=8, min_lr_ratio=1.0))]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, capsys):
+    from daytune.cli import main
+
+    recipe = overfit_recipe(tmp_path, max_steps=2)
+    assert main(["--quiet", "train", str(recipe)]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 2/3" in out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["train"]["steps"] == 3

@@ -1,0 +1,160 @@
+"""The training loop on a tiny model: saved adapters reload, accumulation is exact, resume is exact, the budget
+and signals always end with a saved model."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from daytune.config import load_run_config
+from daytune.errors import ConfigError
+from daytune.track import RunDir
+from daytune.train.checkpoint import list_checkpoints
+from daytune.train.loop import find_resume_checkpoint, lr_at, train
+
+
+def new_run(cfg):
+    from daytune.config import dump_yaml
+
+    run = RunDir.create(cfg.out_dir, cfg.name)
+    run.write_start(dump_yaml(cfg), ["test"])
+    return run
+
+
+def test_trains_saves_and_reloads_with_plain_peft(tiny_recipe, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_run_config(tiny_recipe())
+    run = new_run(cfg)
+    result = train(cfg, run)
+    assert result.steps == 4 and result.stopped_by == "max_steps" and result.tokens > 0
+    for name in ("config.yaml", "command.txt", "git.txt", "metrics.jsonl", "summary.json"):
+        assert (run.path / name).is_file(), name
+    assert (run.adapter / "adapter_config.json").is_file() and (
+        run.adapter / "adapter_model.safetensors"
+    ).is_file()
+    metrics = run.read_metrics()
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s", "elapsed"} <= set(m) for m in metrics)
+    summary = run.read_summary()
+    assert summary["train"]["steps"] == 4 and summary["finished"] is True
+
+    ids = torch.tensor([[5, 77, 123, 9, 300]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(run.adapter)).eval()
+        tuned_logits = tuned(ids).logits
+        merged_logits = tuned.merge_and_unload()(ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)  # the adapter learned something
+    assert torch.allclose(tuned_logits, merged_logits, atol=1e-4)
+    # the final checkpoint holds the same adapter
+    final = find_resume_checkpoint(run)
+    a = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run.adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accumulation_equals_bigger_micro_batch(tiny_recipe):
+    adapters = []
+    for micro, accum in ((4, 1), (1, 4), (2, 2)):
+        cfg = load_run_config(tiny_recipe(train={"micro_batch": micro, "grad_accum": accum, "max_steps": 1}))
+        run = new_run(cfg)
+        train(cfg, run)
+        adapters.append(load_file(str(run.adapter / "adapter_model.safetensors")))
+        losses = [m["loss"] for m in run.read_metrics()]
+        adapters[-1]["_loss"] = torch.tensor(losses)
+    for other in adapters[1:]:
+        for k in adapters[0]:
+            assert torch.allclose(adapters[0][k], other[k], atol=1e-6), k
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_recipe, monkeypatch):
+    overrides = {"train": {"max_steps": 6, "checkpoint_every": 2, "lora": {"dropout": 0.1}}}
+    cfg = load_run_config(tiny_recipe(**overrides))
+    full = new_run(cfg)
+    train(cfg, full)
+    reference = [m["loss"] for m in full.read_metrics()]
+
+    cfg = load_run_config(tiny_recipe(**overrides))
+    crashed = new_run(cfg)
+    real_log = RunDir.log
+
+    def crash_at_step_3(self, record):
+        if record["step"] == 3:
+            raise Crash()
+        real_log(self, record)
+
+    monkeypatch.setattr(RunDir, "log", crash_at_step_3)
+    with pytest.raises(Crash):
+        train(cfg, crashed)
+    monkeypatch.setattr(RunDir, "log", real_log)
+    checkpoint = find_resume_checkpoint(crashed)
+    assert checkpoint.name == "step-0000002"  # lost at most one checkpoint interval
+    result = train(cfg, crashed, resume=checkpoint)
+    assert result.steps == 6
+    resumed = [m["loss"] for m in crashed.read_metrics()]
+    assert [m["step"] for m in crashed.read_metrics()] == [1, 2, 3, 4, 5, 6]
+    assert resumed == pytest.approx(reference, abs=1e-4)
+    a = load_file(str(full.adapter / "adapter_model.safetensors"))
+    b = load_file(str(crashed.adapter / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_budget_stops_in_time_and_saves(tiny_recipe):
+    cfg = load_run_config(tiny_recipe(train={"max_steps": 100_000, "budget": "3s", "checkpoint_every": 1000}))
+    run = new_run(cfg)
+    result = train(cfg, run)
+    assert result.stopped_by == "budget" and 0 < result.steps < 100_000
+    assert result.elapsed_seconds <= 3.0
+    assert (run.adapter / "adapter_model.safetensors").is_file()
+    assert list_checkpoints(run.checkpoints)[-1].name == f"step-{result.steps:07d}"
+    lrs = [m["lr"] for m in run.read_metrics()]
+    assert lrs[-1] < 0.5 * max(lrs)  # the cosine is driven by the deadline, not the step count
+
+
+def test_sigterm_stops_and_saves(tiny_recipe, monkeypatch):
+    cfg = load_run_config(tiny_recipe(train={"max_steps": 50}))
+    run = new_run(cfg)
+    real_log = RunDir.log
+
+    def signal_at_step_2(self, record):
+        real_log(self, record)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunDir, "log", signal_at_step_2)
+    result = train(cfg, run)
+    assert result.stopped_by == "signal" and result.steps == 2
+    assert (run.adapter / "adapter_model.safetensors").is_file()
+    assert run.read_summary()["finished"] is False
+
+
+def test_unknown_lora_target_is_a_clear_error(tiny_recipe):
+    cfg = load_run_config(tiny_recipe(train={"lora": {"targets": ["query_key_value"]}}))
+    with pytest.raises(ConfigError, match="query_key_value.*q_proj"):
+        train(cfg, new_run(cfg))
+
+
+def test_lr_schedule():
+    kw = dict(lr=1.0, warmup=2, min_ratio=0.1)
+    assert lr_at(0, 10, 0.0, **kw) == 0.5 and lr_at(1, 10, 0.0, **kw) == 1.0
+    assert lr_at(2, 10, 0.0, **kw) == pytest.approx(1.0)
+    assert lr_at(10, 10, 0.0, **kw) == pytest.approx(0.1)
+    mid = lr_at(6, 10, 0.0, **kw)
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(3, 10, 1.0, **kw) == pytest.approx(0.1)  # out of time: at the floor
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    a = RunDir.create(tmp_path, "x")
+    b = RunDir.create(tmp_path, "x")
+    assert a.path != b.path and a.path.is_dir() and b.path.is_dir()
