@@ -138,10 +138,14 @@ def test_resume_continues_from_the_saved_step(tmp_path, capsys):
     recipe = overfit_recipe(tmp_path, max_steps=2)
     assert main(["--quiet", "train", str(recipe)]) == 0
     (run,) = (tmp_path / "runs").iterdir()
+    first = (run / "metrics.jsonl").read_text().splitlines()
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
     out = capsys.readouterr().out
-    assert "at step 2/3" in out
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert "Resumed from" in out and "step-0000002 at step 2/3" in out
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == first  # steps 1-2 kept from the first attempt, not retrained
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[2])["elapsed"] > json.loads(lines[1])["elapsed"]  # the clock carries over
     assert json.loads((run / "summary.json").read_text())["train"]["steps"] == 3
+    assert "resumed" in (run / "command.txt").read_text()

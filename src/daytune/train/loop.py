@@ -140,7 +140,7 @@ def train(
         trained_seen, train_seconds = state["trained_tokens"], state["train_seconds"]
         budget.spent_before = state["elapsed"]
         run.truncate_metrics(step)
-        reporter.log(f"Resumed from {resume} at step {step}/{max_steps}.")
+        reporter.print(f"Resumed from {resume} at step {step}/{max_steps}.")
     reporter.log(
         f"Training {cfg.model} with LoRA r={tc.lora.r} on {len(examples)} examples ({stats.truncated} truncated "
         f"to {cfg.data.max_seq_len} tokens): {max_steps} steps, {precision} on {device}, "
