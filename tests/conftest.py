@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+# The full open datasets live beside the repository (<root>/shared/data); DAYTUNE_SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("DAYTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -68,6 +70,14 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The full datasets folder; tests that need more than the samples in examples/ skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"datasets folder not found at {SHARED_DATA} (set DAYTUNE_SHARED_DATA)")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
