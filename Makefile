@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 STAMP := $(VENV)/.daytune-setup
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PIP) -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/train_throughput.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
