@@ -108,6 +108,9 @@ class Scheduler:
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
                 "finished": self.finished,
+                "prefill_steps": self.steps["prefill"],
+                "decode_steps": self.steps["decode"],
+                "max_rows_seen": self.steps["max_rows"],
             }
 
     def close(self, timeout: float = 30.0) -> None:
