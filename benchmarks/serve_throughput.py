@@ -3,8 +3,9 @@
     python benchmarks/serve_throughput.py [--clients 1 8 32] [--requests-per-client 1] [--max-new-tokens 32]
                                           [--shots 0] [--threads N] [--out benchmarks/results/serve_throughput.json]
 
-Starts `daytune serve --model smollm2-135m` twice on 127.0.0.1 (`--max-batch 16`, then `--max-batch 1`), and
-for each number of concurrent clients sends the same HELM-shaped greedy requests (GSM8K questions, `--shots`
+Starts `daytune serve --model smollm2-135m` twice on 127.0.0.1 (`--max-batch 16` and `--max-batch 1`, both up
+for the whole run, measured alternately so that the machine's load changes hit both), and for each number of
+concurrent clients sends the same HELM-shaped greedy requests (GSM8K questions, `--shots`
 worked examples before each, temperature 1e-7, `max_new_tokens` tokens, no stop sequence, so every request
 does the same work in both servers). Reports requests/s and p50/p95 latency per setting, the speed-up, and
 checks that every greedy output of the batched server equals the one-at-a-time server's. Prints a table and
@@ -140,14 +141,16 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("DAYTUNE_QUIET", "1")
     texts = prompts(64, args.shots)
-    results: dict[str, list[dict]] = {}
-    for mode, max_batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
-        proc, url = start_server(max_batch, args.threads)
-        try:
+    modes = {"batched": args.max_batch, "one_at_a_time": 1}
+    # Both servers stay up and the settings alternate between them, so a change in the machine's load hits both.
+    servers = {mode: start_server(mb, args.threads) for mode, mb in modes.items()}
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
+    try:
+        for _, url in servers.values():
             asyncio.run(load(url, texts[:1], 1, 1, args.max_new_tokens))  # warm-up
-            results[mode] = []
-            for c in args.clients:
-                per_client = max(args.requests_per_client, -(-args.min_requests // c))
+        for c in args.clients:
+            per_client = max(args.requests_per_client, -(-args.min_requests // c))
+            for mode, (_, url) in servers.items():
                 r = asyncio.run(load(url, texts, c, per_client, args.max_new_tokens))
                 results[mode].append(r)
                 print(
@@ -155,7 +158,8 @@ def main() -> None:
                     f"p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}",
                     flush=True,
                 )
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
     rows, same = [], True

@@ -147,10 +147,6 @@ def create_app(server: ServeModel, options: ServeOptions | None = None) -> FastA
     async def _too_large(request: Request, exc: BodyTooLarge):
         return _error(413, None, str(exc))
 
-    @app.exception_handler(UnicodeDecodeError)
-    async def _bad_utf8(request: Request, exc: UnicodeDecodeError):
-        return _error(400, None, f"request body is not valid UTF-8 ({exc.reason} at byte {exc.start})")
-
     @app.get("/health", response_model=HealthResponse)
     def health() -> HealthResponse:
         return HealthResponse(
