@@ -157,7 +157,7 @@ def test_full_queue_refuses_with_retry_after(tm):
     gate = threading.Event()
     sched = Scheduler(model, max_batch=1, max_queue=2)
     try:
-        blocker = make(ids[0], 200, on_token=lambda t: not gate.wait(10) and False)
+        blocker = make(ids[0], 200, on_token=lambda t: not gate.wait(0.2) and False)
         sched.submit([blocker])
         for _ in range(1000):  # until the worker has taken it from the queue
             if sched.running:
