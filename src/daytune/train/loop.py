@@ -284,6 +284,17 @@ def train(
     eval_due = _Interval(tc.eval_every if val_examples else None, "train.eval_every", now)
     eval_seconds, stopped_by, last_loss = 0.0, "max_steps", None
     model.train()
+    if budget.seconds is not None and step < max_steps:  # before any step is measured: time one forward pass
+        first_mb = plan.get(step * per_step + rank)
+        batch = {
+            k: v.to(accelerator.device)
+            for k, v in make_batch(plan, examples, first_mb, tokenizer.pad_token_id).items()
+            if k != "n_tokens"
+        }
+        t_probe = time.perf_counter()
+        with torch.no_grad(), accelerator.autocast():
+            response_loss(model, batch)
+        budget.prior_step = 3 * (time.perf_counter() - t_probe) * tc.grad_accum  # backward ~ 2x forward
     with _StopFlag() as stop, reporter.task("train", max_steps) as bar:
         bar.update(step, budget_info(budget.elapsed(), budget.seconds))
         while step < max_steps:
@@ -296,7 +307,7 @@ def train(
             micro = [plan.get(first + j) for j in range(per_step)]  # every process's micro-batches, in order
             n_target = sum(targets[i] for mb in micro for row in mb for i in row)
             mine = micro[rank::world]
-            loss_sum = 0.0
+            loss_sum, abandoned = 0.0, False
             for j, mb in enumerate(mine):
                 batch = make_batch(plan, examples, mb, tokenizer.pad_token_id)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "n_tokens"}
@@ -305,6 +316,19 @@ def train(
                     loss, _ = response_loss(model, batch)
                     accelerator.backward(loss * world / max(1, n_target))  # DDP averages over processes
                 loss_sum += float(loss.detach())
+                if (
+                    budget.seconds is not None and j < len(mine) - 1
+                ):  # a long step must not cross the deadline
+                    per_micro = (time.perf_counter() - t_step) / (j + 1)
+                    (abandoned,) = agree(
+                        budget.remaining() < per_micro * (len(mine) - j - 1) + budget.save_reserve
+                    )
+                    if abandoned:
+                        break
+            if abandoned:  # the step would end past the deadline: drop it, keep the last complete state
+                optimizer.zero_grad(set_to_none=True)
+                stopped_by = "budget"
+                break
             grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip else None
             left = budget.steps_left(eval_seconds)  # this step included
             if left is not None:
