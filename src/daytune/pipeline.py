@@ -1,4 +1,9 @@
-"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder."""
+"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder.
+
+With `data.prepare` (a data recipe), the data stage builds the dataset into `<run>/data/` first, decontaminated
+also against the run's own eval files, and the run trains on it; config.yaml then records the prepared folder and
+its fingerprint, so a resume trains on exactly the same rows.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from pathlib import Path
 from rich.table import Table
 
 from daytune.config import RunConfig, dump_yaml, load_run_config
-from daytune.errors import RunError
+from daytune.errors import ConfigError, RunError
+from daytune.fileio import write_text_atomic
 from daytune.progress import Reporter
 from daytune.track import RunDir
 from daytune.train.loop import find_resume_checkpoint, train
@@ -21,6 +27,7 @@ def start_or_resume(
     if resume is None:
         run = RunDir.create(cfg.out_dir, cfg.name)
         run.write_start(dump_yaml(cfg), argv)
+        prepare_run_data(cfg, run, reporter)
         return cfg, run, None
     if resume == "auto":
         if cfg is None:
@@ -32,6 +39,36 @@ def start_or_resume(
     run.note_resume(argv)
     saved.out_dir = str(run.path.parent)
     return saved, run, find_resume_checkpoint(run)
+
+
+def prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
+    """The data stage of a new run: prepare `data.prepare` into <run>/data (if set), then pin the training
+    data's fingerprint in config.yaml."""
+    from daytune.data.trainset import dataset_fingerprint
+
+    if cfg.data.prepare:
+        if cfg.data.train:
+            raise ConfigError(
+                "data: set either data.train (a JSONL or prepared folder) or data.prepare, not both"
+            )
+        from daytune.data.prepare import prepare
+        from daytune.data.recipe import load_data_recipe
+
+        recipe = load_data_recipe(cfg.data.prepare)
+        # the run's model, template and length decide tokens and filters, so they apply to the data stage too
+        recipe.model, recipe.template = cfg.model, cfg.data.template
+        recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
+        evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
+        reporter.log(f"Preparing data from {cfg.data.prepare}...")
+        card = prepare(
+            recipe, run.path / "data", reporter=reporter, extra_eval_files=evals, recipe_file=cfg.data.prepare
+        )
+        for w in card["warnings"]:
+            reporter.log(f"data warning: {w}")
+        cfg.data.train = str(run.path / "data")
+    if cfg.data.train and Path(cfg.data.train).exists() and not cfg.data.fingerprint:
+        cfg.data.fingerprint = dataset_fingerprint(cfg.data.train)
+    write_text_atomic(run.path / "config.yaml", dump_yaml(cfg))
 
 
 def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:

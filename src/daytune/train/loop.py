@@ -26,8 +26,9 @@ import torch
 
 from daytune.budget import Budget, parse_duration
 from daytune.config import RunConfig
-from daytune.data import encode_records, read_instructions
+from daytune.data import encode_records
 from daytune.data.batching import collate, micro_batch_indices, micro_batches_per_epoch
+from daytune.data.trainset import load_train_data
 from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.fileio import replace_dir_atomic
@@ -111,11 +112,7 @@ def train(
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=autocast_kind(precision))
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
-    if cfg.data.train is None:
-        raise DataError(
-            "data.train: no training file given (a JSONL with instruction, optional input, output)"
-        )
-    records = read_instructions(cfg.data.train, cfg.data.max_rows)
+    records, data_info = load_train_data(cfg.data)  # also checks the dataset fingerprint
     examples, stats = encode_records(
         records, tokenizer, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
     )
@@ -270,7 +267,12 @@ def train(
         peak_rss_mb=round(peak_rss_mb(), 1),
     )
     run.update_summary(
-        run_id=run.run_id, model=cfg.model, method=tc.method, train=asdict(result), finished=step >= max_steps
+        run_id=run.run_id,
+        model=cfg.model,
+        method=tc.method,
+        data=data_info,
+        train=asdict(result),
+        finished=step >= max_steps,
     )
     reporter.log(
         f"Trained {step}/{max_steps} steps in {result.elapsed_seconds:.0f}s (stopped by {stopped_by}), "
