@@ -217,23 +217,15 @@ def _cmd_data(args, reporter) -> int:
         if args.json:
             print(json.dumps({name: asdict(src) for name, src in SOURCES.items()}, indent=2))
             return 0
-        from rich.table import Table
-
-        table = Table(title="sources daytune knows (daytune data sources --json for everything)")
-        for col in ("name", "format", "licence", "commercial", "written by", "hub id", "citation"):
-            table.add_column(col, overflow="fold")
         for src in SOURCES.values():
             p = src.provenance
-            table.add_row(
-                src.name,
-                src.format,
-                p.licence,
-                "yes" if p.commercial else "no",
-                "LLM" if p.llm_generated else "people",
-                src.hub_id or "-",
-                p.citation,
+            reporter.print(
+                f"[bold]{src.name}[/bold]  {p.licence} · commercial use: {'yes' if p.commercial else 'no'} · "
+                f"written by: {'LLM' if p.llm_generated else 'people'} · format: {src.format} · "
+                f"hub: {src.hub_id or '-'}"
             )
-        reporter.print(table)
+            reporter.print(f"    {src.title}\n    cite: {p.citation}\n    {src.notes}".rstrip())
+        reporter.print("\nYour own files: give format: and declare provenance: (see examples/data-mix.yaml).")
         return 0
     if args.data_command == "prepare":
         from daytune.data.prepare import prepare

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from daytune.config import TEMPLATES, _apply_override, from_dict, parse_override
+from daytune.config import TEMPLATES, from_dict, parse_override
 from daytune.data.loaders import FORMATS, LoadOptions
 from daytune.data.sources import Provenance, get_source
 from daytune.errors import ConfigError
@@ -235,6 +235,28 @@ def load_data_recipe(path: str | Path, overrides: list[str] = ()) -> DataRecipe:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return recipe
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    """Like a run recipe's --set, and a number picks a list item: --set sources.1.max_rows=500."""
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(
+                    f"--set {'.'.join(keys)}: '{where}' is not an item of the list (0..{len(node) - 1})"
+                )
+            if last:
+                node[int(k)] = value
+            node = node[int(k)]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            node = node.setdefault(k, {})
+        else:
+            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i])}' is not a section")
 
 
 def resolve_paths(recipe: DataRecipe, base: Path) -> None:
