@@ -3,7 +3,7 @@
 import numpy as np
 from datasketch import MinHash
 
-from daytune.data.decontam import EvalIndex, naive_contaminated
+from daytune.data.decontam import EvalIndex, naive_contaminated, naive_index
 from daytune.data.dedup import SCHEME, MinHasher, exact_duplicates, naive_near_duplicates, near_duplicates
 from daytune.data.ngrams import WordValues, ngram_hashes, whole_hash, words
 
@@ -38,7 +38,7 @@ def test_decontamination_finds_13_grams_and_whole_short_items():
     assert matches[0].eval_item == "gsm8k/1" and matches[0].ngram.startswith("ducks lay 16 eggs")
     assert matches[1].eval_item == "mmlu/2" and len(matches[1].ngram.split()) == 12
     # the naive reference agrees on 13-gram matches
-    assert naive_contaminated(train, [t for _, t in EVAL]) == [0]
+    assert naive_contaminated(train, naive_index([t for _, t in EVAL])) == [0]
     strict = EvalIndex(n=13, min_ngram=13)
     strict.add("evals", EVAL)
     assert [m.row for m in strict.check(train)] == [0]

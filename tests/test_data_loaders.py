@@ -160,3 +160,17 @@ def test_hub_reads_the_local_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
     folder = fetch_dataset("databricks/databricks-dolly-15k", ["databricks-dolly-15k.jsonl"])
     assert len(load("dolly", folder).records) == 5
+
+
+def test_parquet_rows_as_the_hub_ships_them(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {"question": ["What is 2+3?", "What is 4*5?"], "answer": ["2+3=<<2+3=5>>5\n#### 5", "#### 20"]}
+    )
+    folder = tmp_path / "main"
+    folder.mkdir()
+    pq.write_table(table, folder / "train-00000-of-00001.parquet")
+    out = load("gsm8k", tmp_path)
+    assert [r["output"] for r in out.records] == ["2+3=5\n#### 5", "#### 20"]

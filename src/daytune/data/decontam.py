@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daytune.data.ngrams import WordValues, lookup, ngram_hashes, whole_hash, words
+from daytune.data.ngrams import (
+    HashSet,
+    WordValues,
+    ngram_hashes,
+    rolling_hashes,
+    whole_hash,
+    words,
+    words_left,
+)
 
 
 @dataclass
@@ -33,8 +41,10 @@ class EvalIndex:
         self.sets: list[str] = []  # eval set of each item
         self.items_per_set: dict[str, int] = {}
         self._parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        self.keys: dict[int, np.ndarray] = {}  # n-gram length -> sorted unique hashes
-        self.owner: dict[int, np.ndarray] = {}  # same shape: index of the first item holding the n-gram
+        self.keys: dict[int, HashSet] = {}  # n-gram length -> the hashes of the evaluation n-grams
+        self.owner: dict[
+            int, np.ndarray
+        ] = {}  # aligned with keys: index of the first item holding the n-gram
 
     def add(self, eval_set: str, items: list[tuple[str, str]], batch: int = 20000) -> None:
         self.items_per_set[eval_set] = self.items_per_set.get(eval_set, 0) + len(items)
@@ -62,7 +72,7 @@ class EvalIndex:
             h, owner = h[order], owner[order]
             first = np.ones(len(h), bool)
             first[1:] = h[1:] != h[:-1]
-            self.keys[k], self.owner[k] = h[first], owner[first]
+            self.keys[k], self.owner[k] = HashSet(h[first], sorted_unique=True), owner[first]
 
     @property
     def n_ngrams(self) -> int:
@@ -80,16 +90,18 @@ class EvalIndex:
             docs = [words(t) for t in texts[start : start + batch]]
             values, offsets = self.values.encode(docs)
             found: dict[int, tuple[int, int, int]] = {}  # doc -> (n, start position, owner)
-            for k, (h, doc, pos) in ngram_hashes(values, offsets, lengths).items():
-                hit, idx = lookup(self.keys[k], h)
-                if not hit.any():
+            room = words_left(offsets)
+            for k, h in rolling_hashes(values, lengths):
+                hit, idx = self.keys[k].lookup(h)
+                pos = np.flatnonzero(hit)
+                pos = pos[room[pos] >= k]  # n-grams inside one document only
+                if not len(pos):
                     continue
-                hit_docs, first = np.unique(doc[hit], return_index=True)
-                owners = self.owner[k][idx[hit]]
-                starts = pos[hit]
+                doc = np.searchsorted(offsets, pos, side="right") - 1
+                hit_docs, first = np.unique(doc, return_index=True)
                 for d, f in zip(hit_docs.tolist(), first.tolist()):
                     if d not in found or k > found[d][0]:
-                        found[d] = (k, int(starts[f]), int(owners[f]))
+                        found[d] = (k, int(pos[f]), int(self.owner[k][idx[pos[f]]]))
             for d in sorted(found):
                 k, p, owner = found[d]
                 local = int(p - offsets[d])
@@ -104,13 +116,17 @@ class EvalIndex:
         return matches
 
 
-def naive_contaminated(train_texts: list[str], eval_texts: list[str], n: int = 13) -> list[int]:
-    """The straightforward way (Python sets of word tuples), kept as the benchmark's reference: same answers for
-    n-gram matches, much slower."""
+def naive_index(eval_texts: list[str], n: int = 13) -> set[tuple[str, ...]]:
+    """The straightforward way (a Python set of word tuples), kept as the benchmark's reference."""
     index: set[tuple[str, ...]] = set()
     for text in eval_texts:
         ws = words(text)
         index.update(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
+    return index
+
+
+def naive_contaminated(train_texts: list[str], index: set[tuple[str, ...]], n: int = 13) -> list[int]:
+    """Rows sharing an n-gram with `naive_index`: the same answers as EvalIndex(min_ngram=n), much more memory."""
     out = []
     for row, text in enumerate(train_texts):
         ws = words(text)

@@ -433,7 +433,6 @@ def load_oasst1(files, name, opts, policy, out: Loaded) -> None:
         if mid not in excluded:
             children[m.get("parent_id")].append(m)
     langs = {lang.lower() for lang in opts.languages}
-    n = 0
     for root in sorted(children[None], key=lambda m: m["message_id"]):
         if root["role"] != "prompter":
             continue
@@ -472,7 +471,6 @@ def load_oasst1(files, name, opts, policy, out: Loaded) -> None:
                 source=name, id=f"{name}-{tree_id}", messages=conversation, meta={"lang": root.get("lang")}
             )
         )
-        n += 1
 
 
 # ---- plain text -----------------------------------------------------------------------------------------------

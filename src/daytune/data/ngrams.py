@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -37,35 +37,52 @@ class WordValues:
     def encode(self, docs: Iterable[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Concatenated word values of `docs` and the offsets where each document starts (len(docs) + 1)."""
         cache, value = self._cache, self._value
-        flat: list[int] = []
-        offsets = [0]
-        for ws in docs:
-            flat.extend([cache[w] if w in cache else value(w) for w in ws])
-            offsets.append(len(flat))
-        return np.array(flat, dtype=np.uint64), np.array(offsets, dtype=np.int64)
+        docs = list(docs)
+        flat = [w for ws in docs for w in ws]
+        for w in set(flat).difference(cache):
+            value(w)
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum([len(ws) for ws in docs], out=offsets[1:])
+        return np.fromiter(map(cache.__getitem__, flat), dtype=np.uint64, count=len(flat)), offsets
+
+
+def words_left(offsets: np.ndarray) -> np.ndarray:
+    """For each position of the concatenated documents, how many words its document has from there on."""
+    lengths = np.diff(offsets)
+    doc_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    return offsets[1:][doc_of] - np.arange(offsets[-1], dtype=np.int64)
+
+
+def rolling_hashes(values: np.ndarray, lengths: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """For each n in `lengths` (ascending): a view h with h[i] = hash of the n words starting at i, computed in
+    place. Entries whose n-gram crosses a document boundary are garbage: check words_left(...)[i] >= n. The view
+    is overwritten by the next iteration."""
+    wanted = set(lengths)
+    if not wanted:
+        return
+    h = values.copy()
+    with np.errstate(over="ignore"):
+        for n in range(1, max(wanted) + 1):
+            m = len(values) - n + 1  # n-grams starting at 0..m-1
+            if m <= 0:
+                return
+            if n > 1:  # h[i] = h[i] * P + value[i + n - 1]
+                np.multiply(h[:m], _P, out=h[:m])
+                np.add(h[:m], values[n - 1 :], out=h[:m])
+            if n in wanted:
+                yield n, h[:m]
 
 
 def ngram_hashes(values: np.ndarray, offsets: np.ndarray, lengths: Iterable[int]) -> dict[int, tuple]:
     """For each n in `lengths`: (hashes, doc index, start position) of every n-gram inside one document."""
     wanted = sorted(set(lengths))
-    out: dict[int, tuple] = {}
+    out = {n: _empty() for n in wanted}
     if not wanted or len(values) == 0:
-        return {n: _empty() for n in wanted}
-    doc_of = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-    end_of_doc = offsets[1:][doc_of]  # for each position, where its document ends
-    positions = np.arange(len(values), dtype=np.int64)
-    h = values.copy()
-    with np.errstate(over="ignore"):
-        for n in range(1, wanted[-1] + 1):
-            if n > 1:
-                if len(h) <= 1:
-                    h = h[:0]
-                else:
-                    h = h[:-1] * _P + values[n - 1 :]
-            if n in wanted:
-                m = len(h)
-                ok = positions[:m] + n <= end_of_doc[:m]
-                out[n] = (h[ok], doc_of[:m][ok], positions[:m][ok])
+        return out
+    room = words_left(offsets)
+    for n, h in rolling_hashes(values, wanted):
+        pos = np.flatnonzero(room[: len(h)] >= n)
+        out[n] = (h[pos], np.searchsorted(offsets, pos, side="right") - 1, pos)
     return out
 
 
@@ -82,10 +99,36 @@ def _empty():
     return (np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(found mask, index into sorted_keys) for each query."""
-    if len(sorted_keys) == 0 or len(queries) == 0:
-        return np.zeros(len(queries), bool), np.zeros(len(queries), np.int64)
-    idx = np.searchsorted(sorted_keys, queries)
-    idx = np.minimum(idx, len(sorted_keys) - 1)
-    return sorted_keys[idx] == queries, idx
+class HashSet:
+    """Sorted unique 64-bit keys with a bitmap in front: most queries miss, and a miss costs one memory read
+    instead of a binary search."""
+
+    BITS = 24
+
+    def __init__(self, keys: np.ndarray, sorted_unique: bool = False):
+        if not sorted_unique:
+            keys = np.sort(keys)
+            keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
+        self.keys = keys
+        self.bitmap = np.zeros(1 << self.BITS, dtype=bool)
+        self.bitmap[self._slot(self.keys)] = True
+
+    def _slot(self, h: np.ndarray) -> np.ndarray:
+        return (h >> np.uint64(64 - self.BITS)).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, index into keys) for each query."""
+        found = np.zeros(len(queries), bool)
+        idx = np.zeros(len(queries), np.int64)
+        if len(self.keys) == 0 or len(queries) == 0:
+            return found, idx
+        cand = np.flatnonzero(self.bitmap[self._slot(queries)])
+        if len(cand):
+            pos = np.minimum(np.searchsorted(self.keys, queries[cand]), len(self.keys) - 1)
+            hit = self.keys[pos] == queries[cand]
+            found[cand[hit]] = True
+            idx[cand[hit]] = pos[hit]
+        return found, idx

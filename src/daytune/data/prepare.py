@@ -171,7 +171,7 @@ def _eval_index(recipe: DataRecipe, datasets_dir: Path, extra_files: list[str]) 
         path = Path(f)
         if not path.is_file():
             raise DataError(f"decontaminate.eval_files: file not found: {path}")
-        items = [(f"{path.name}/{ref}", text) for ref, text in daytune_eval_file(path)]
+        items = list(daytune_eval_file(path))  # references read "file.jsonl:line"
         index.add(path.name, items)
         info["checked"].append({"name": path.name, "items": len(items), "files": 1, "from": str(path)})
     index.build()
