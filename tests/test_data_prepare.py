@@ -307,3 +307,15 @@ def test_changed_data_is_refused(tmp_path, tiny_model_dir):
         f.write('{"instruction": "extra", "output": "row"}\n')
     with pytest.raises(DataError, match="changed after `daytune data prepare`"):
         load_train_data(DataConfig(train=str(tmp_path / "d")))
+
+
+def test_missing_registered_source_says_where_it_looked(tmp_path, tiny_model_dir, capsys):
+    path = write_recipe(tmp_path, tiny_model_dir, sources=[{"source": "lima"}], allow_noncommercial=True)
+    with pytest.raises(
+        DataError,
+        match=r"source 'lima': not in the datasets folder .*no-datasets-here/lima/lima.json.*GAIR/lima",
+    ):
+        prepare(load_data_recipe(path), tmp_path / "o")
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prepare", "--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out

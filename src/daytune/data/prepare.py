@@ -123,7 +123,15 @@ def _source_files(s, fmt: str, datasets_dir: Path) -> tuple[list[Path], str]:
         if registered is not None and hub == registered.hub_id and registered.hub_files
         else []
     )
-    folder = fetch_dataset(hub, hub_patterns, s.revision)
+    try:
+        folder = fetch_dataset(hub, hub_patterns, s.revision)
+    except DataError as e:
+        if s.hub is None and registered is not None and registered.local_path:
+            raise DataError(
+                f"source '{s.source}': not in the datasets folder ({datasets_dir / registered.local_path}; set "
+                f"datasets_dir or DAYTUNE_DATASETS, or give path:), and {e}"
+            ) from None
+        raise
     origin = f"hub:{hub}" + (f"@{s.revision}" if s.revision else "")
     return loaders.data_files(fmt, folder, hub_patterns or None), origin
 
