@@ -106,4 +106,4 @@ def test_quickstart_recipe_loads():
 
     cfg = load_run_config(EXAMPLES / "quickstart.yaml")
     assert cfg.train.budget == "3m" and cfg.model == "smollm2-135m"
-    assert cfg.data.train.endswith("gsm8k_train.jsonl")
+    assert cfg.data.train is None and cfg.data.prepare.endswith("quickstart-data.yaml")
