@@ -18,6 +18,7 @@ EPILOG = """examples:
   daytune train examples/quickstart.yaml --resume auto continue the newest unfinished run of this recipe
   daytune eval --run runs/<run-id>                     evaluate a run's adapter (and the base model)
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
+  daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
 """
 
 
@@ -77,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--port", type=int, default=8080)
     sp.add_argument("--device", default="auto")
+
+    sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
+    sp.add_argument("run", help="a run folder")
+    sp.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    sp.add_argument(
+        "--merge", action="store_true", help="fold the adapter into the base: a full HF model folder"
+    )
+    sp.add_argument(
+        "--dtype", default="float32", help="weights dtype of a merged model: float32, bfloat16, float16"
+    )
 
     sub.add_parser("models", help="list the models daytune knows by name and the local model cache")
     _add_data_parser(sub)
@@ -138,44 +149,27 @@ def _cmd_run(args, reporter, train_only=False) -> int:
 
 
 def _cmd_eval(args, reporter) -> int:
-    import torch
-
     from daytune.config import load_run_config
-    from daytune.eval import evaluate
     from daytune.fileio import write_json_atomic
-    from daytune.models import load_model, load_tokenizer, resolve_model
-    from daytune.pipeline import eval_table
+    from daytune.pipeline import eval_table, evaluate_pair
     from daytune.track import RunDir
-    from daytune.train.lora import load_adapter
 
     if args.run:
         run = RunDir.open(args.run)
         cfg = load_run_config(args.recipe or run.path / "config.yaml", args.set)
-        model_ref, adapter = cfg.model, run.adapter
+        model_ref, trained = cfg.model, run.trained
         out = Path(args.out or run.path / "eval.json")
     else:
         cfg = load_run_config(args.recipe, args.set)
-        model_ref, adapter = args.model, args.adapter
+        model_ref, trained = args.model, Path(args.adapter) if args.adapter else None
         out = Path(args.out or "eval.json")
     if not (cfg.eval.heldout or cfg.eval.multiple_choice):
         raise DaytuneError(
             "nothing to evaluate: set eval.heldout and/or eval.multiple_choice (--recipe or --set)"
         )
-    path = resolve_model(model_ref, log=reporter.log)
-    tokenizer = load_tokenizer(path)
-    model = load_model(path)
-    results = {}
-    with torch.no_grad():
-        if adapter:
-            model = load_adapter(model, adapter)
-            if cfg.eval.base:
-                with model.disable_adapter():
-                    results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-            results["tuned"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-        else:
-            results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+    results = evaluate_pair(cfg, model_ref, trained, reporter)
     write_json_atomic(
-        out, {"model": model_ref, "adapter": str(adapter) if adapter else None, "results": results}
+        out, {"model": model_ref, "trained": str(trained) if trained else None, "results": results}
     )
     reporter.print(eval_table(results))
     reporter.print(f"Results: {out}")
@@ -192,10 +186,10 @@ def _cmd_serve(args, reporter) -> int:
 
     if args.run:
         run = RunDir.open(args.run)
-        if not (run.adapter / "adapter_config.json").is_file():
-            raise DaytuneError(f"{run.path}: no adapter/ yet (the run has not saved a model)")
+        if not run.trained.is_dir():
+            raise DaytuneError(f"{run.path}: no adapter/ or model/ yet (the run has not saved a model)")
         cfg = load_run_config(run.path / "config.yaml")
-        server = ServeModel(cfg.model, run.adapter, device=args.device, run_id=run.run_id, log=reporter.log)
+        server = ServeModel(cfg.model, run.trained, device=args.device, run_id=run.run_id, log=reporter.log)
     else:
         if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
             raise DaytuneError(
@@ -257,6 +251,15 @@ def _cmd_data(args, reporter) -> int:
     return 0
 
 
+def _cmd_export(args, reporter) -> int:
+    from daytune.train.export import export_run
+
+    out = export_run(args.run, args.out, merge=args.merge, dtype=args.dtype, log=reporter.log)
+    kind = "merged model" if args.merge or not (out / "adapter_config.json").is_file() else "PEFT adapter"
+    reporter.print(f"Exported {kind} to {out}")
+    return 0
+
+
 def _cmd_models(args, reporter) -> int:
     from daytune.models import KNOWN_MODELS
     from daytune.models.load import daytune_home
@@ -280,7 +283,12 @@ def _quiet_libraries() -> None:
     )  # GGUF conversion draws its own bar; daytune prints its own line
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="(transformers|peft|accelerate|torch)")
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module="(transformers|peft|accelerate|torch|bitsandbytes)"
+    )
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": lambda: _cmd_run(args, reporter, train_only=True),
         "eval": lambda: _cmd_eval(args, reporter),
         "serve": lambda: _cmd_serve(args, reporter),
+        "export": lambda: _cmd_export(args, reporter),
         "models": lambda: _cmd_models(args, reporter),
         "data": lambda: _cmd_data(args, reporter),
     }

@@ -18,25 +18,36 @@ from daytune.data.tokenize import IGNORE_INDEX
 
 CHUNK = 1024  # positions per output-layer chunk
 
-_checked: dict[type, bool] = {}
+_checked: dict[tuple, bool] = {}
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def output_layer(model):
+    """The output projection, also through a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
+def final_hidden(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final (normalized) hidden states, shape (batch, seq, hidden), through the model's own forward (so PEFT
     wrappers apply) with only the last position's logits computed."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        **({"position_ids": position_ids} if position_ids is not None else {}),
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
     )
     h = out.hidden_states[-1][:, -input_ids.shape[1] :]  # prompt-tuning methods prepend virtual tokens
-    key = type(model)
+    key = (type(model), str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")))
     if key not in _checked:  # one-time check that hidden_states[-1] really feeds the output layer
         with torch.no_grad():
             ref = out.logits[:, -1].float()
-            got = model.get_output_embeddings()(h[:, -1]).float()
+            got = output_layer(model)(h[:, -1]).float()
             _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
         if not _checked[key]:
             raise RuntimeError(
@@ -55,13 +66,13 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
     Chunks of the output layer are recomputed in backward (activation checkpointing) when there is more than one,
     so peak memory holds one chunk of logits, not all of them."""
-    h = final_hidden(model, batch["input_ids"], batch.get("attention_mask"))
+    h = final_hidden(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     labels = batch["labels"][:, 1:]
     selected = labels != IGNORE_INDEX
     hs = h[:, :-1][selected]
     targets = labels[selected]
     n = int(targets.numel())
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     if getattr(head, "bias", None) is not None:
         logits = head(hs).float()
         return F.cross_entropy(logits, targets, reduction="sum"), n
@@ -83,7 +94,7 @@ def token_logprobs(model, ids: list[int], top_k: int = 0) -> list[tuple[float, d
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     h = final_hidden(model, x)[0, :-1]
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     targets = x[0, 1:]
     out: list[tuple[float, dict[int, float]]] = []
     for i in range(0, h.shape[0], CHUNK):
@@ -107,7 +118,7 @@ def loglikelihood(
     Requests are sorted by length (less padding) and batched; requests that share a context and have one-token
     continuations (multiple-choice letters) share a single forward pass."""
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     results = [0.0] * len(requests)
     # group: one sequence per distinct (context + continuation), except shared single-token continuations
     sequences: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}

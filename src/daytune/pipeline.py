@@ -25,8 +25,7 @@ def start_or_resume(
 ) -> tuple[RunConfig, RunDir, Path | None]:
     """A new run folder, or (with --resume) the existing one and its newest checkpoint."""
     if resume is None:
-        run = RunDir.create(cfg.out_dir, cfg.name)
-        run.write_start(dump_yaml(cfg), argv)
+        run = _new_run(cfg, argv)
         prepare_run_data(cfg, run, reporter)
         return cfg, run, None
     if resume == "auto":
@@ -43,7 +42,25 @@ def start_or_resume(
 
 def prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
     """The data stage of a new run: prepare `data.prepare` into <run>/data (if set), then pin the training
-    data's fingerprint in config.yaml."""
+    data's fingerprint in config.yaml. Under a multi-process launch the main process does it and tells the
+    others where the data is."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _prepare_run_data(cfg, run, reporter)
+        return
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    holder = [None]
+    if PartialState().is_main_process:
+        _prepare_run_data(cfg, run, reporter)
+        holder = [(cfg.data.train, cfg.data.fingerprint)]
+    broadcast_object_list(holder, from_process=0)
+    cfg.data.train, cfg.data.fingerprint = holder[0]
+
+
+def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
     from daytune.data.trainset import dataset_fingerprint
 
     if cfg.data.prepare:
@@ -71,6 +88,29 @@ def prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
     write_text_atomic(run.path / "config.yaml", dump_yaml(cfg))
 
 
+def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
+    """Create the run folder; under a multi-process launch, the main process creates it and tells the others."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        run = RunDir.create(cfg.out_dir, cfg.name)
+        run.write_start(dump_yaml(cfg), argv)
+        return run
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from daytune.train.precision import pick_device
+
+    state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")  # the same state train() will use
+    holder = [None]
+    if state.is_main_process:
+        run = RunDir.create(cfg.out_dir, cfg.name)
+        run.write_start(dump_yaml(cfg), argv)
+        holder = [str(run.path)]
+    broadcast_object_list(holder, from_process=0)
+    return RunDir(holder[0])
+
+
 def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
     if out_dir.is_dir():
         for path in sorted((p for p in out_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
@@ -87,25 +127,31 @@ def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
     raise RunError(f"--resume auto: no unfinished run named '{name}' with a checkpoint under {out_dir}")
 
 
-def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
-    """Load the saved adapter back from disk (proving it loads) and evaluate with and without it."""
+def evaluate_pair(cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter) -> dict:
+    """Evaluate the base model (unless eval.base is false) and, given a trained adapter or model folder, the tuned
+    one, loaded back from disk (which also proves it loads)."""
     import torch
 
     from daytune.eval import evaluate
     from daytune.models import load_model, load_tokenizer, resolve_model
-    from daytune.train.lora import load_adapter
+    from daytune.train.methods import load_trained
 
-    path = resolve_model(cfg.model, log=reporter.log)
+    path = resolve_model(model_ref, log=reporter.log)
     tokenizer = load_tokenizer(path)
-    model = load_adapter(load_model(path), run.adapter)
     results = {}
     with torch.no_grad():
-        if cfg.eval.base:
+        if trained is None or cfg.eval.base:
             reporter.log("Evaluating the base model...")
-            with model.disable_adapter():
-                results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-        reporter.log("Evaluating the tuned model...")
-        results["tuned"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+            results["base"] = evaluate(load_model(path), tokenizer, cfg.eval, cfg.data)
+            gc.collect()
+        if trained is not None:
+            reporter.log("Evaluating the tuned model...")
+            results["tuned"] = evaluate(load_trained(path, trained), tokenizer, cfg.eval, cfg.data)
+    return results
+
+
+def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
+    results = evaluate_pair(cfg, cfg.model, run.trained, reporter)
     run.update_summary(eval=results)
     return results
 

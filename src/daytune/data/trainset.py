@@ -69,6 +69,9 @@ def load_train_data(dcfg) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                     f"train on the file itself (data.train: {path})"
                 )
             info.update(dataset=card.get("name"), card=str(card_path))
+        val = folder / "val.jsonl"
+        if val.is_file() and val.stat().st_size > 0:
+            info["val"] = str(val)  # the default validation set of a run training on the folder
     else:
         info["fingerprint"] = fingerprint_files([path])
     pinned = getattr(dcfg, "fingerprint", None)

@@ -15,7 +15,7 @@ from daytune.engine import generate, token_logprobs
 from daytune.errors import DaytuneError
 from daytune.models import load_model, load_tokenizer, resolve_model
 from daytune.serve.schemas import Completion, ProcessRequest, Token
-from daytune.train.lora import load_adapter
+from daytune.train.methods import load_trained
 
 
 class RequestError(DaytuneError):
@@ -62,9 +62,8 @@ class ServeModel:
         path = resolve_model(model_ref, log=log)
         self.device = pick_device(device or "auto")
         self.tokenizer = load_tokenizer(path)
-        model = load_model(path)
-        if self.adapter:
-            model = load_adapter(model, self.adapter, merge=True)  # merged: no adapter cost per token
+        # an adapter is merged into the weights where its method allows: no adapter cost per token
+        model = load_trained(path, Path(self.adapter), merge=True) if self.adapter else load_model(path)
         self.model = model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         eos = self.model.generation_config.eos_token_id
