@@ -107,3 +107,45 @@ def test_quickstart_recipe_loads():
     cfg = load_run_config(EXAMPLES / "quickstart.yaml")
     assert cfg.train.budget == "3m" and cfg.model == "smollm2-135m"
     assert cfg.data.train is None and cfg.data.prepare.endswith("quickstart-data.yaml")
+
+
+def _examples(kind: str) -> list[str]:
+    """Run recipes, or data recipes (those with `sources:`), in examples/."""
+    import yaml
+
+    paths = sorted(__import__("conftest").EXAMPLES.glob("*.yaml"))
+    is_data = {p.name: "sources" in (yaml.safe_load(p.read_text()) or {}) for p in paths}
+    return [name for name, data in is_data.items() if data == (kind == "data")]
+
+
+@pytest.mark.parametrize("recipe", _examples("run"))
+def test_example_recipes_validate(recipe):
+    from conftest import EXAMPLES
+
+    cfg = load_run_config(EXAMPLES / recipe)
+    assert (cfg.data.train or cfg.data.prepare) and cfg.train.method
+
+
+@pytest.mark.parametrize("recipe", _examples("data"))
+def test_example_data_recipes_validate(recipe):
+    from conftest import EXAMPLES
+
+    from daytune.data.recipe import load_data_recipe
+
+    assert load_data_recipe(EXAMPLES / recipe).sources
+
+
+def test_interval_parsing():
+    from daytune.config import parse_interval
+
+    assert parse_interval(50, "x") == ("steps", 50.0) and parse_interval("50", "x") == ("steps", 50.0)
+    assert parse_interval("10m", "x") == ("seconds", 600.0)
+    with pytest.raises(ConfigError, match="train.checkpoint_every"):
+        parse_interval("often", "train.checkpoint_every")
+
+
+def test_packing_with_virtual_tokens_is_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  packing: true\ntrain:\n  method: prefix\n")
+    with pytest.raises(ConfigError, match="data.packing: method prefix"):
+        load_run_config(p)

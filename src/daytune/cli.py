@@ -19,6 +19,7 @@ EPILOG = """examples:
   daytune eval --run runs/<run-id>                     evaluate a run's adapter (and the base model)
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
   daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
+  daytune submit runs/<run-id> --out submission/       a Dockerfile folder for the competition
 """
 
 
@@ -68,16 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     sp.add_argument("--out", help="results JSON path (default: <run>/eval.json or ./eval.json)")
 
-    sp = sub.add_parser("serve", help="serve a model through the competition HTTP API")
-    src = sp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run folder: serve its model with its adapter merged")
-    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
-    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
-    sp.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    sp.add_argument("--port", type=int, default=8080)
-    sp.add_argument("--device", default="auto")
+    _serve_parser(sub)
+    _submit_parser(sub)
 
     sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
     sp.add_argument("run", help="a run folder")
@@ -176,14 +169,89 @@ def _cmd_eval(args, reporter) -> int:
     return 0
 
 
+def _serve_parser(sub) -> None:
+    from daytune.serve.options import TOKEN_ENV, ServeOptions
+
+    d = ServeOptions()
+    sp = sub.add_parser(
+        "serve",
+        help="serve a model through the competition HTTP API",
+        description="Serve a model (adapter merged at load) through the NeurIPS LLM Efficiency Challenge API: "
+        "POST /process, /tokenize, /decode and GET /health. Concurrent requests are batched.",
+    )
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder: serve its model with its adapter merged")
+    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
+    sp.add_argument("--run-id", help="the run id /health reports (with --model; --run sets it itself)")
+    sp.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    sp.add_argument(
+        "--token",
+        help=f"require 'Authorization: Bearer TOKEN' on every endpoint but /health (or set ${TOKEN_ENV})",
+    )
+    sp.add_argument(
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help=f"sequences decoded together; 1 = one at a time ({d.max_batch})",
+    )
+    sp.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help=f"waiting sequences before answering 503 ({d.max_queue})",
+    )
+    sp.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=d.max_prefill_tokens,
+        help="padded prompt tokens per prefill step",
+    )
+    sp.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help=f"cap on max_new_tokens ({d.max_new_tokens})",
+    )
+    sp.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="seconds before a request gets HTTP 504",
+    )
+    sp.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=d.shutdown_grace,
+        help="seconds in-flight requests get on SIGTERM",
+    )
+
+
 def _cmd_serve(args, reporter) -> int:
     import uvicorn
 
     from daytune.config import load_run_config
     from daytune.serve.app import create_app
     from daytune.serve.model import ServeModel
+    from daytune.serve.options import ServeOptions
     from daytune.track import RunDir
 
+    for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_new_tokens", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise DaytuneError(
+                f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}"
+            )
+    if args.request_timeout <= 0:
+        raise DaytuneError(f"--request-timeout: must be positive, got {args.request_timeout}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DaytuneError(f"--threads: must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.run:
         run = RunDir.open(args.run)
         if not run.trained.is_dir():
@@ -195,9 +263,61 @@ def _cmd_serve(args, reporter) -> int:
             raise DaytuneError(
                 f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)"
             )
-        server = ServeModel(args.model, args.adapter, device=args.device, log=reporter.log)
-    reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port}")
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+        server = ServeModel(
+            args.model, args.adapter, device=args.device, run_id=args.run_id, log=reporter.log
+        )
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_new_tokens=args.max_new_tokens,
+        request_timeout=args.request_timeout,
+        shutdown_grace=args.shutdown_grace,
+    )
+    auth = "bearer token required" if options.token else "no token"
+    reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port} ({auth})")
+    import signal
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found: make that
+    # a no-op, so a graceful stop ends with exit code 0 rather than a kill by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(
+        create_app(server, options),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=options.shutdown_grace,
+    )
+    reporter.print("Server stopped.")
+    return 0
+
+
+def _submit_parser(sub) -> None:
+    sp = sub.add_parser(
+        "submit",
+        help="write a competition submission folder (Dockerfile serving on port 80) for a run",
+        description="Write a self-contained submission folder for a run: a Dockerfile that installs pinned "
+        "requirements, fetches the base model's weights at build time and runs `daytune serve` on port 80.",
+    )
+    sp.add_argument("run", help="the run folder (runs/<run-id>)")
+    sp.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    sp.add_argument(
+        "--base-model",
+        help="where the image fetches the base model: a registered name or a hub id (default: the run's model)",
+    )
+
+
+def _cmd_submit(args, reporter) -> int:
+    from daytune.serve.submit import write_submission
+
+    out = write_submission(args.run, args.out, base_model=args.base_model, log=reporter.log)
+    reporter.print(
+        f"Submission folder: {out}\n  docker build -t my-submission {out} && docker run -p 8080:80 my-submission"
+    )
     return 0
 
 
@@ -308,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": lambda: _cmd_eval(args, reporter),
         "serve": lambda: _cmd_serve(args, reporter),
         "export": lambda: _cmd_export(args, reporter),
+        "submit": lambda: _cmd_submit(args, reporter),
         "models": lambda: _cmd_models(args, reporter),
         "data": lambda: _cmd_data(args, reporter),
     }

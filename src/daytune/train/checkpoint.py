@@ -1,8 +1,9 @@
 """Checkpoints that survive a crash: written under a temporary name and renamed into place when complete.
 
-A checkpoint folder holds `weights.safetensors` (the parameters that train, by name), `optimizer.pt` (loaded with
-weights_only=True: tensors and numbers, never arbitrary pickles), `rng-<rank>.safetensors` per process, and
-`state.json` (step, tokens, elapsed time, schedule, `random`'s state), written last.
+A checkpoint folder holds `weights.safetensors` (the parameters that train, by name, unsharded), `optimizer.pt`
+(or `optimizer-<rank>.pt` per process when FSDP/DeepSpeed shard the optimizer; loaded with weights_only=True:
+tensors and numbers, never arbitrary pickles), `rng-<rank>.safetensors` per process, and `state.json` (step,
+tokens, elapsed time, schedule, `random`'s state), written last.
 """
 
 from __future__ import annotations
@@ -52,21 +53,42 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_weights(model, folder: Path, name: str = "weights.safetensors") -> None:
-    save_file(trainable_state(model), str(folder / name))
+def write_weights(
+    model, folder: Path, name: str = "weights.safetensors", weights: dict | None = None
+) -> None:
+    save_file(weights if weights is not None else trainable_state(model), str(folder / name))
+
+
+def sharded_optimizer_dir(folder: Path, step: int) -> Path:
+    """Where every process of a sharded (FSDP/DeepSpeed) run drops its optimizer shard before the main process
+    assembles the checkpoint."""
+    return folder / f".{checkpoint_name(step)}.optimizer"
 
 
 def save_checkpoint(
-    model, optimizer, state: dict[str, Any], folder: Path, keep: int, rng_by_rank: list[dict] | None = None
+    model,
+    optimizer,
+    state: dict[str, Any],
+    folder: Path,
+    keep: int,
+    rng_by_rank: list[dict] | None = None,
+    weights: dict | None = None,
 ) -> tuple[Path, float]:
-    """Write checkpoint `step-N` atomically; keep the newest `keep`. Returns (path, seconds taken)."""
+    """Write checkpoint `step-N` atomically; keep the newest `keep`. Returns (path, seconds taken).
+    `weights` are gathered full weights (sharded runs); their optimizer shards are already on disk."""
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(state["step"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
-        write_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_weights(model, tmp, weights=weights)
+        shards = sharded_optimizer_dir(folder, state["step"])
+        if shards.is_dir():
+            for f in shards.iterdir():
+                f.replace(tmp / f.name)
+            shards.rmdir()
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         for rank, tensors in enumerate(rng_by_rank or [rng_tensors()]):
             save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
         py_state = random.getstate()
@@ -86,7 +108,12 @@ def load_checkpoint(path: Path, model, optimizer, rank: int = 0) -> dict[str, An
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         load_trainable_state(model, load_file(str(path / "weights.safetensors")), str(path))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optim_file = (
+            path / f"optimizer-{rank}.pt"
+            if (path / f"optimizer-{rank}.pt").is_file()
+            else path / "optimizer.pt"
+        )
+        optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
         rng_file = path / f"rng-{rank}.safetensors"
         if not rng_file.is_file():
             raise RunError(

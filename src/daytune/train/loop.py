@@ -43,8 +43,10 @@ from daytune.train.checkpoint import (
     load_checkpoint,
     rng_tensors,
     save_checkpoint,
+    sharded_optimizer_dir,
     write_weights,
 )
+from daytune.train.memory import return_freed_memory
 from daytune.train.precision import autocast_kind, param_dtype, pick_device, resolve_precision
 
 
@@ -167,6 +169,7 @@ def train(
     reporter = reporter or Reporter(quiet=True)
     tc = cfg.train
     budget = Budget(parse_duration(tc.budget, "train.budget"))
+    return_freed_memory()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     random.seed(tc.seed)
@@ -174,7 +177,7 @@ def train(
 
     # ---- setup -------------------------------------------------------------------------------------------
     from accelerate import Accelerator
-    from accelerate.utils import broadcast, gather_object
+    from accelerate.utils import DistributedType, broadcast, gather_object
 
     device = pick_device(tc.device)
     precision = resolve_precision(tc.precision, device)
@@ -246,11 +249,25 @@ def train(
             "bad_evals": bad_evals,
         }
 
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    trainable_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+
+    def full_weights() -> dict | None:
+        """Unsharded weights on the main process (every process takes part); None when nothing is sharded."""
+        return accelerator.get_state_dict(model) if sharded else None
+
     def checkpoint() -> None:
         rngs = gather_object([rng_tensors()]) if world > 1 else None
+        full = full_weights()
+        if sharded:  # each process writes its optimizer shard, then the main process assembles the checkpoint
+            shards = sharded_optimizer_dir(run.checkpoints, step)
+            shards.mkdir(parents=True, exist_ok=True)
+            torch.save(optimizer.state_dict(), shards / f"optimizer-{rank}.pt")
+            accelerator.wait_for_everyone()
         if is_main:
+            weights = {k: v for k, v in full.items() if k in trainable_names} if full is not None else None
             _, seconds = save_checkpoint(
-                unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints, rngs
+                unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints, rngs, weights
             )
             budget.record_save(seconds)
         accelerator.wait_for_everyone()
@@ -329,23 +346,25 @@ def train(
             }
             now = time.monotonic()
             (do_eval,) = agree(eval_due.due(step, now) and budget.can_afford(eval_seconds))
-            if do_eval:
+            if do_eval:  # every process evaluates (sharded models need them all); all see the same loss
                 t_eval = time.perf_counter()
-                if is_main:
-                    val_loss = validation_loss(
-                        unwrapped, val_examples, tokenizer.pad_token_id, tc.micro_batch, accelerator.device
-                    )
-                    record["val_loss"] = round(val_loss, 6)
-                    if best_val is None or val_loss < best_val - 1e-6:
-                        best_val, best_step, bad_evals = val_loss, step, 0
-                        if tc.early_stopping_patience:
+                val_loss = validation_loss(
+                    model, val_examples, tokenizer.pad_token_id, tc.micro_batch, accelerator.device
+                )
+                record["val_loss"] = round(val_loss, 6)
+                if best_val is None or val_loss < best_val - 1e-6:
+                    best_val, best_step, bad_evals = val_loss, step, 0
+                    if tc.early_stopping_patience:
+                        full = full_weights()
+                        if is_main:
                             run.checkpoints.mkdir(parents=True, exist_ok=True)
-                            write_weights(unwrapped, run.checkpoints, ".best.safetensors.tmp")
+                            best = {k: v for k, v in full.items() if k in trainable_names} if full else None
+                            write_weights(unwrapped, run.checkpoints, ".best.safetensors.tmp", best)
                             (run.checkpoints / ".best.safetensors.tmp").replace(
                                 run.checkpoints / "best.safetensors"
                             )
-                    else:
-                        bad_evals += 1
+                else:
+                    bad_evals += 1
                 eval_seconds = time.perf_counter() - t_eval
             if is_main:
                 run.log(record)
@@ -379,8 +398,9 @@ def train(
         if not saved or saved[-1].name != f"step-{step:07d}":
             checkpoint()
         out_dir = run.path / methods.output_name(tc.method)
+        full = full_weights()
         if is_main:
-            methods.save_final(unwrapped, tokenizer, tc.method, out_dir)
+            methods.save_final(unwrapped, tokenizer, tc.method, out_dir, full)
         accelerator.wait_for_everyone()
 
     result = TrainResult(

@@ -231,11 +231,14 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) ->
             p.copy_(tensors[n].to(p.device, p.dtype))
 
 
-def save_final(model, tokenizer, method: str, folder: Path) -> Path:
-    """Write the run's model atomically: a PEFT adapter folder, or a full HF model folder; tokenizer included."""
+def save_final(model, tokenizer, method: str, folder: Path, state_dict: dict | None = None) -> Path:
+    """Write the run's model atomically: a PEFT adapter folder, or a full HF model folder; tokenizer included.
+    `state_dict`: full weights gathered from a sharded (FSDP/DeepSpeed) run."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(
+            tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
+        )
         tokenizer.save_pretrained(tmp)
         return replace_dir_atomic(tmp, folder)
     except BaseException:
