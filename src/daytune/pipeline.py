@@ -1,4 +1,9 @@
-"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder."""
+"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder.
+
+With `data.prepare` (a data recipe), the data stage builds the dataset into `<run>/data/` first, decontaminated
+also against the run's own eval files, and the run trains on it; config.yaml then records the prepared folder and
+its fingerprint, so a resume trains on exactly the same rows.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from pathlib import Path
 from rich.table import Table
 
 from daytune.config import RunConfig, dump_yaml, load_run_config
-from daytune.errors import RunError
+from daytune.errors import ConfigError, RunError
+from daytune.fileio import write_text_atomic
 from daytune.progress import Reporter
 from daytune.track import RunDir
 from daytune.train.loop import find_resume_checkpoint, train
@@ -19,7 +25,9 @@ def start_or_resume(
 ) -> tuple[RunConfig, RunDir, Path | None]:
     """A new run folder, or (with --resume) the existing one and its newest checkpoint."""
     if resume is None:
-        return cfg, _new_run(cfg, argv), None
+        run = _new_run(cfg, argv)
+        prepare_run_data(cfg, run, reporter)
+        return cfg, run, None
     if resume == "auto":
         if cfg is None:
             raise RunError("--resume auto needs the recipe, to know which runs to look at")
@@ -30,6 +38,54 @@ def start_or_resume(
     run.note_resume(argv)
     saved.out_dir = str(run.path.parent)
     return saved, run, find_resume_checkpoint(run)
+
+
+def prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
+    """The data stage of a new run: prepare `data.prepare` into <run>/data (if set), then pin the training
+    data's fingerprint in config.yaml. Under a multi-process launch the main process does it and tells the
+    others where the data is."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _prepare_run_data(cfg, run, reporter)
+        return
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    holder = [None]
+    if PartialState().is_main_process:
+        _prepare_run_data(cfg, run, reporter)
+        holder = [(cfg.data.train, cfg.data.fingerprint)]
+    broadcast_object_list(holder, from_process=0)
+    cfg.data.train, cfg.data.fingerprint = holder[0]
+
+
+def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
+    from daytune.data.trainset import dataset_fingerprint
+
+    if cfg.data.prepare:
+        if cfg.data.train:
+            raise ConfigError(
+                "data: set either data.train (a JSONL or prepared folder) or data.prepare, not both"
+            )
+        from daytune.data.prepare import prepare
+        from daytune.data.recipe import load_data_recipe
+
+        recipe = load_data_recipe(cfg.data.prepare)
+        # the run's model, template and length decide tokens and filters, so they apply to the data stage too
+        recipe.model, recipe.template = cfg.model, cfg.data.template
+        recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
+        evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
+        reporter.log(f"Preparing data from {cfg.data.prepare}...")
+        card = prepare(
+            recipe, run.path / "data", reporter=reporter, extra_eval_files=evals, recipe_file=cfg.data.prepare
+        )
+        for w in card["warnings"]:
+            reporter.log(f"data warning: {w}")
+        cfg.data.train = str(run.path / "data")
+    if cfg.data.train and Path(cfg.data.train).exists() and not cfg.data.fingerprint:
+        cfg.data.fingerprint = dataset_fingerprint(cfg.data.train)
+    write_text_atomic(run.path / "config.yaml", dump_yaml(cfg))
 
 
 def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:

@@ -85,3 +85,16 @@ def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[dic
     if not rows:
         raise DataError(f"{path}: no records (expected JSON lines with 'question', 'choices', 'answer')")
     return rows
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Training records in daytune's schema: instruction/input/output, multi-turn `messages`, or `text`."""
+    from daytune.data.records import parse_record
+
+    path = Path(path)
+    rows = [parse_record(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path, limit)]
+    if not rows:
+        raise DataError(
+            f"{path}: no records (expected JSON lines with 'instruction' and 'output', 'messages', or 'text')"
+        )
+    return rows

@@ -28,8 +28,10 @@ import torch
 
 from daytune.budget import Budget, parse_duration
 from daytune.config import RunConfig, parse_interval
-from daytune.data import encode_records, read_instructions
+from daytune.data import encode_records
 from daytune.data.batching import BatchPlan, make_batch
+from daytune.data.jsonl import read_records
+from daytune.data.trainset import load_train_data
 from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.models import load_tokenizer, resolve_model
@@ -129,13 +131,10 @@ class _Interval:
 def load_examples(cfg: RunConfig, tokenizer):
     """Training and validation examples; `val_fraction` splits validation off the training rows by seed."""
     dc = cfg.data
-    if dc.train is None:
-        raise DataError(
-            "data.train: no training file given (a JSONL with instruction, optional input, output)"
-        )
-    records = read_instructions(dc.train, dc.max_rows)
-    val_records = read_instructions(dc.val, dc.val_rows) if dc.val else []
-    if not dc.val and dc.val_fraction > 0:
+    records, data_info = load_train_data(dc)  # a JSONL or a prepared folder; checks the dataset fingerprint
+    val_path = dc.val or (data_info.get("val") if dc.val_fraction == 0 else None)  # a prepared folder's split
+    val_records = read_records(val_path, dc.val_rows) if val_path else []
+    if not val_path and dc.val_fraction > 0:
         order = list(range(len(records)))
         random.Random(cfg.train.seed).shuffle(order)
         n_val = max(1, int(len(records) * dc.val_fraction))
@@ -145,7 +144,7 @@ def load_examples(cfg: RunConfig, tokenizer):
     val, _ = encode_records(val_records, tokenizer, dc.template, dc.max_seq_len, dc.system_prompt)
     if not train:
         raise DataError(f"{dc.train}: every example lost its response to truncation; raise data.max_seq_len")
-    return train, val, stats
+    return train, val, stats, data_info
 
 
 @torch.no_grad()
@@ -188,7 +187,7 @@ def train(
         reporter = Reporter(quiet=True, every=float("inf"))
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
-    examples, val_examples, stats = load_examples(cfg, tokenizer)
+    examples, val_examples, stats, data_info = load_examples(cfg, tokenizer)
     model = methods.load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -460,6 +459,7 @@ def train(
             run_id=run.run_id,
             model=cfg.model,
             method=tc.method,
+            data=data_info,
             train=asdict(result),
             finished=step >= max_steps or stopped_by == "early_stopping",
         )
