@@ -73,6 +73,10 @@ class EvalConfig:
     multiple_choice_rows: int = 100
     batch_size: int = 8
     base: bool = True  # also evaluate the base model, for a base-vs-tuned table
+    suite: str | None = None  # an evaluation suite (quick, competition-open, full): HELM-style scenarios
+    scenarios: list[str] | None = None  # only these scenarios of the suite
+    max_instances: int | None = None  # cap every scenario's instances (MMLU: per subject)
+    data_root: str | None = None  # datasets folder for the suite (default: the suite's own)
 
 
 @dataclass
@@ -213,7 +217,7 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-_PATH_FIELDS = [("data", "train"), ("eval", "heldout"), ("eval", "multiple_choice")]
+_PATH_FIELDS = [("data", "train"), ("eval", "heldout"), ("eval", "multiple_choice"), ("eval", "data_root")]
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -67,10 +67,37 @@ def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
             reporter.log("Evaluating the base model...")
             with model.disable_adapter():
                 results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+                if cfg.eval.suite:
+                    results["base"]["suite"] = _suite(cfg, run, model, tokenizer, "base", reporter)
         reporter.log("Evaluating the tuned model...")
         results["tuned"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+        if cfg.eval.suite:
+            results["tuned"]["suite"] = _suite(cfg, run, model, tokenizer, "tuned", reporter)
     run.update_summary(eval=results)
     return results
+
+
+def _suite(cfg: RunConfig, run: RunDir, model, tokenizer, label: str, reporter: Reporter) -> dict:
+    """Run the recipe's evaluation suite; full results go to <run>/eval/<suite>/<label>/, the summary keeps each
+    scenario's metrics with their 95% CIs."""
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.report import write_results
+    from daytune.eval.suites import run_suite
+
+    lm = LocalLM(model, tokenizer, name=f"{cfg.model} ({label})", batch_size=cfg.eval.batch_size)
+    res = run_suite(
+        lm, cfg.eval.suite, cfg.eval.data_root, cfg.eval.scenarios, cfg.eval.max_instances, log=reporter.log
+    )
+    res["title"] = label
+    write_results(res, run.path / "eval" / cfg.eval.suite / label)
+    return {
+        "name": cfg.eval.suite,
+        "seconds": res["seconds"],
+        "scenarios": {
+            name: {"n": sc["n"], "main_metric": sc["main_metric"], "metrics": sc["metrics"]}
+            for name, sc in res["scenarios"].items()
+        },
+    }
 
 
 def eval_table(results: dict) -> Table:
@@ -94,6 +121,14 @@ def eval_table(results: dict) -> Table:
         if len(cols) == 2 and None not in values:
             cells.append(f"{values[1] - values[0]:+.4f}")
         table.add_row(label, *cells)
+    suites = [results[c].get("suite", {}).get("scenarios", {}) for c in cols]
+    for name in suites[-1] if suites else []:
+        metric = suites[-1][name]["main_metric"]
+        values = [s.get(name, {}).get("metrics", {}).get(metric, {}).get("value") for s in suites]
+        cells = ["-" if v is None else f"{v:.4f}" for v in values]
+        if len(cols) == 2 and None not in values:
+            cells.append(f"{values[1] - values[0]:+.4f}")
+        table.add_row(f"{name}: {metric}", *cells)
     return table
 
 
@@ -104,11 +139,17 @@ def run_recipe(
     resume: str | None = None,
     overrides: list[str] = (),
 ) -> RunDir:
+    if cfg is not None and cfg.eval.suite:
+        from daytune.eval.suites import suite_plan
+
+        suite_plan(
+            cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances
+        )  # a bad name fails before training
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
     train(cfg, run, reporter, resume=checkpoint)
     gc.collect()
-    if cfg.eval.heldout or cfg.eval.multiple_choice:
+    if cfg.eval.heldout or cfg.eval.multiple_choice or cfg.eval.suite:
         results = evaluate_run(cfg, run, reporter)
         reporter.print(eval_table(results))
     reporter.print(f"\nRun folder: [bold]{run.path}[/bold]")
