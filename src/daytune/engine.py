@@ -314,13 +314,14 @@ def loglikelihood_detailed(
         h = _suffix_hidden(model, x, mask, _expand(cache, len(batch)))
         for row, i in enumerate(batch):
             for r, n_ctx, cont in sequences[keys[i]]:
-                pos = torch.arange(n_ctx - 1 - prefix_len, n_ctx - 1 - prefix_len + len(cont), device=device)
-                lp = torch.log_softmax(head(h[row, pos]).float(), dim=-1)
-                target = torch.tensor(cont, device=device)
-                results[r] = (
-                    float(lp.gather(1, target[:, None]).sum()),
-                    bool((lp.argmax(-1) == target).all()),
-                )
+                start = n_ctx - 1 - prefix_len
+                total, greedy = 0.0, True
+                for c in range(0, len(cont), CHUNK):  # the output layer in chunks: no (length x vocab) tensor
+                    target = torch.tensor(cont[c : c + CHUNK], device=device)
+                    lp = torch.log_softmax(head(h[row, start + c : start + c + len(target)]).float(), dim=-1)
+                    total += float(lp.gather(1, target[:, None]).sum())
+                    greedy = greedy and bool((lp.argmax(-1) == target).all())
+                results[r] = (total, greedy)
 
     for prefix_len, members in groups:
         cache = _prefix_cache(model, keys[members[0]][:prefix_len])

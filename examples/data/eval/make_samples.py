@@ -11,7 +11,13 @@ import shutil
 import sys
 from pathlib import Path
 
-MMLU_SUBJECTS = ["abstract_algebra", "college_chemistry", "computer_security", "econometrics", "us_foreign_policy"]
+MMLU_SUBJECTS = [
+    "abstract_algebra",
+    "college_chemistry",
+    "computer_security",
+    "econometrics",
+    "us_foreign_policy",
+]
 BBQ = ["Age", "Disability_status", "Nationality", "Physical_appearance", "Religion", "Sexual_orientation"]
 
 
@@ -37,17 +43,19 @@ def main(root: Path, out: Path) -> None:
         head_csv(root / f"mmlu/test/{s}_test.csv", out / f"mmlu/test/{s}_test.csv", 20)
     items = json.loads((root / "truthfulqa/mc_task.json").read_text(encoding="utf-8"))[:60]
     (out / "truthfulqa").mkdir(parents=True, exist_ok=True)
-    (out / "truthfulqa/mc_task.json").write_text(json.dumps(items, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    (out / "truthfulqa/mc_task.json").write_text(
+        json.dumps(items, indent=2, ensure_ascii=False) + "\n", "utf-8"
+    )
     for c in BBQ:
         head_lines(root / f"bbq/{c}.jsonl", out / f"bbq/{c}.jsonl", 12)
     head_lines(root / "gsm8k/train.jsonl", out / "gsm8k/train.jsonl", 5)
     head_lines(root / "gsm8k/test.jsonl", out / "gsm8k/test.jsonl", 30)
     head_lines(root / "openbookqa/test.jsonl", out / "openbookqa/test.jsonl", 50)
-    # the first three articles shorter than 12,000 bytes, whole (an article starts at a ' = Title = ' line)
+    # the first three articles shorter than 6,000 bytes, whole (an article starts at a ' = Title = ' line)
     raw = (root / "wikitext2/wiki.test.raw").read_bytes().splitlines(keepends=True)
     starts = [i for i, line in enumerate(raw) if line.startswith(b" = ") and not line.startswith(b" = = ")]
     articles = [raw[a:b] for a, b in zip(starts, starts[1:] + [len(raw)])]
-    short = [a for a in articles if sum(map(len, a)) < 12_000][:3]
+    short = [a for a in articles if sum(map(len, a)) < 6_000][:3]
     (out / "wikitext2").mkdir(parents=True, exist_ok=True)
     (out / "wikitext2/wiki.test.raw").write_bytes(b"".join(line for a in short for line in a))
     for d in ("mmlu", "truthfulqa", "bbq", "gsm8k", "openbookqa"):

@@ -253,3 +253,74 @@ def harness_summary(out: dict) -> dict:
             if k != "alias" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
     return summary
+
+
+def agreement(
+    lm: LocalLM,
+    data: DataRoot,
+    work: Path,
+    mmlu_per_subject: int = 20,
+    truthfulqa: int = 100,
+    iters: int = 1000,
+) -> dict:
+    """Our MMLU and TruthfulQA numbers next to lm-eval's own tasks on the same instances.
+
+    MMLU: our 5-shot HELM-format scenario vs lm-eval's `mmlu_<subject>` with 5 shots (its own prompt) on the same
+    test questions. TruthfulQA: our mc_single (5 shots, lettered options) vs lm-eval's `truthfulqa_mc1` (its fixed
+    6-QA preamble, each full answer scored) on the same questions. The prompts differ by design (HELM's vs
+    lm-eval's), so agreement means: the paired 95% CI of the difference (over instances) contains 0."""
+    from daytune.eval.metrics import paired_bootstrap
+    from daytune.eval.scenarios import SCENARIOS, Settings
+
+    out = {}
+    mmlu = SCENARIOS["mmlu"]()
+    insts = mmlu.load(data, Settings(max_instances=mmlu_per_subject))
+    ours, _ = mmlu.run(lm, insts, Settings())
+    tasks = [f"mmlu_{s}" for s in MMLU_CORE]
+    res = run_harness(
+        lm, tasks, data, work, limit=mmlu_per_subject, num_fewshot=5, log_samples=True, bootstrap_iters=0
+    )
+    theirs = {f"{t[5:]}/test/{s['doc_id']}": s["acc"] for t in tasks for s in res["samples"][t]}
+    out["mmlu"] = _agree(ours, theirs, paired_bootstrap, iters)
+    tqa = SCENARIOS["truthfulqa"]()
+    insts = tqa.load(data, Settings(max_instances=truthfulqa))
+    ours, _ = tqa.run(lm, insts, Settings())
+    docs = [int(i.id.split("/")[1]) for i in insts]
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    prepare_tasks(["truthfulqa_mc1"], data, work)
+    res = lm_eval.simple_evaluate(
+        model=harness_lm(lm),
+        tasks=["truthfulqa_mc1"],
+        task_manager=TaskManager(include_path=str(work), include_defaults=False),
+        samples={"truthfulqa_mc1": docs},
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    theirs = {f"truthfulqa/{s['doc_id']}": s["acc"] for s in res["samples"]["truthfulqa_mc1"]}
+    out["truthfulqa"] = _agree(ours, theirs, paired_bootstrap, iters)
+    return out
+
+
+def _agree(ours: list[dict], theirs: dict[str, float], paired_bootstrap, iters: int) -> dict:
+    from daytune.eval.metrics import mean_of
+
+    shared = [r for r in ours if r["id"] in theirs]
+    a = [{"x": theirs[r["id"]]} for r in shared]
+    row = {"n": len(shared), "lm_eval_acc": mean_of("x")(a)}
+    for key in ("likelihood_correct", "exact_match"):
+        b = [{"x": r[key]} for r in shared]
+        lo, hi, p = paired_bootstrap(a, b, mean_of("x"), iters=iters)
+        row[f"ours_{key}"] = mean_of("x")(b)
+        row[f"diff_{key}"] = {
+            "value": row[f"ours_{key}"] - row["lm_eval_acc"],
+            "ci_low": lo,
+            "ci_high": hi,
+            "p": p,
+        }
+        row[f"same_answer_correctness_{key}"] = sum(x["x"] == y["x"] for x, y in zip(a, b)) / max(1, len(a))
+    row["agree_within_noise"] = (
+        row["diff_likelihood_correct"]["ci_low"] <= 0 <= row["diff_likelihood_correct"]["ci_high"]
+    )
+    return row

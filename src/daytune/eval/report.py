@@ -36,7 +36,8 @@ def markdown_table(results: dict) -> str:
     ]
     for name, sc in results["scenarios"].items():
         for metric, m in sc["metrics"].items():
-            arrow = "" if m.get("higher_is_better", True) else " (lower is better)"
+            hib = m.get("higher_is_better", True)
+            arrow = "" if hib else " (lower is better)" if hib is False else " (0 is unbiased)"
             lines.append(f"| {name} | {metric}{arrow} | {_fmt(m['value'])} | {_ci(m)} | {sc['n']} |")
     lines += [
         "",
@@ -103,7 +104,12 @@ def compare(a: dict, b: dict, iters: int = 1000) -> list[dict]:
                 lo = hi = p = float("nan")
             delta = vb - va
             significant = not math.isnan(lo) and (lo > 0 or hi < 0)
-            better = (delta > 0) == spec.higher_is_better if significant else None
+            if not significant:
+                better = None
+            elif spec.higher_is_better is None:  # bias: closer to 0 is better
+                better = abs(vb) < abs(va)
+            else:
+                better = (delta > 0) == spec.higher_is_better
             row.update(
                 a=va, b=vb, delta=delta, ci_low=lo, ci_high=hi, p=p, significant=significant, better=better
             )

@@ -29,10 +29,10 @@ SUITES: dict[str, dict] = {
     "quick": {
         "data": "samples",
         "scenarios": {
-            "mmlu": Settings(max_instances=6, perturbations=RF),  # 5 subjects x 6
-            "truthfulqa": Settings(max_instances=20, perturbations=["robustness"]),
+            "mmlu": Settings(max_instances=5, perturbations=RF),  # 5 subjects x 5
+            "truthfulqa": Settings(max_instances=16, perturbations=["robustness"]),
             "bbq": Settings(max_instances=24),
-            "gsm8k": Settings(max_instances=6, max_new_tokens=200),
+            "gsm8k": Settings(max_instances=5, max_new_tokens=160),
             "openbookqa": Settings(max_instances=20),
             "wikitext2": Settings(max_instances=3),
         },

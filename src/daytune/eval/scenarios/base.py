@@ -60,7 +60,7 @@ class Settings:
 @dataclass
 class Metric:
     fn: object  # records -> float
-    higher_is_better: bool = True
+    higher_is_better: bool | None = True  # None: closer to 0 is better (bias scores)
 
 
 class Scenario:
@@ -83,13 +83,13 @@ def take(items: list, n: int | None) -> list:
 
 class MultipleChoiceScenario(Scenario):
     """HELM's `multiple_choice_joint` adapter: the options are listed with letters, `shots` solved examples come
-    first, and the model generates the answer (greedy, at most 5 tokens, stopping at a newline); exact match
+    first, and the model generates the answer (greedy, one token, stop sequence a newline); exact match
     compares the stripped output with the letter (prefix exact match: the output starts with it). The options' log-likelihoods (one forward pass with the letters
     as one-token continuations) give calibration (ECE of the option probabilities) and accuracy by likelihood."""
 
     input_noun: str | None = "Question"
     output_noun = "Answer"
-    max_new_tokens = 5
+    max_new_tokens = 1  # HELM's multiple_choice_joint asks for one token (crfm-helm 0.5.16's MMLU run spec)
     metrics = {
         "exact_match": Metric(M.mean_of("exact_match")),
         "prefix_exact_match": Metric(M.mean_of("prefix_exact_match")),

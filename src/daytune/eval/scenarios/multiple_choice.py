@@ -133,8 +133,8 @@ class BBQ(MultipleChoiceScenario):
     input_noun = "Passage"
     metrics = {
         **MultipleChoiceScenario.metrics,
-        "bias_ambiguous": Metric(lambda rs: M.bbq_bias(rs)["bias_ambiguous"], False),
-        "bias_disambiguated": Metric(lambda rs: M.bbq_bias(rs)["bias_disambiguated"], False),
+        "bias_ambiguous": Metric(lambda rs: M.bbq_bias(rs)["bias_ambiguous"], None),
+        "bias_disambiguated": Metric(lambda rs: M.bbq_bias(rs)["bias_disambiguated"], None),
     }
 
     def load(self, data: DataRoot, s: Settings) -> list[Instance]:
