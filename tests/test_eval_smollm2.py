@@ -1,5 +1,5 @@
 """The evaluation suite on the real SmolLM2-135M: the HTTP backend against a running `daytune serve` gives the local
-backend's scores with 5-shot prompts, and our MMLU/TruthfulQA agree with lm-eval's tasks on the same instances."""
+backend's scores with 5-shot prompts, and our MMLU agrees with lm-eval's task on the same questions."""
 
 import socket
 import threading
@@ -71,14 +71,17 @@ def test_quick_scenarios_through_the_server_score_as_local(smollm2):
     assert "The answer is" in ours["scenarios"]["gsm8k"]["example"]["output"]  # 5-shot CoT format is followed
 
 
-def test_mmlu_and_truthfulqa_agree_with_lm_eval(smollm2, tmp_path, monkeypatch):
+def test_mmlu_agrees_with_lm_eval_on_the_same_questions(smollm2, tmp_path, monkeypatch):
+    """Our HELM-format MMLU vs lm-eval's mmlu_<subject> (5-shot, its own prompt) on the same 40 questions. The
+    TruthfulQA comparison (different methods, see docs/eval.md) is a documented check, not asserted here."""
     pytest.importorskip("lm_eval")
     from daytune.eval.harness import agreement
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     _, lm = smollm2
-    res = agreement(lm, DataRoot(SAMPLES), tmp_path, mmlu_per_subject=8, truthfulqa=30, iters=500)
-    for name in ("mmlu", "truthfulqa"):
-        row = res[name]
-        assert row["n"] == (40 if name == "mmlu" else 30)
-        assert row["agree_within_noise"], row
+    row = agreement(lm, DataRoot(SAMPLES), tmp_path, mmlu_per_subject=8, truthfulqa=0, iters=500)["mmlu"]
+    assert row["n"] == 40
+    assert row["agree_within_noise"], row
+    assert (
+        row["same_answer_correctness_likelihood_correct"] >= 0.7
+    )  # most questions: both right or both wrong

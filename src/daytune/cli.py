@@ -64,7 +64,9 @@ def _eval_parser(sub) -> None:
         "--max-instances", type=int, help="cap the instances of every scenario (MMLU: per subject)"
     )
     sp.add_argument(
-        "--data-root", help="datasets folder (default $DAYTUNE_EVAL_DATA or <repo>/../shared/data)"
+        "--data-root",
+        help="datasets folder (default: quick, the shipped samples; others, $DAYTUNE_EVAL_DATA or "
+        "<repo>/../shared/data)",
     )
     sp.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (local model)")
     sp.add_argument("--concurrency", type=int, default=4, help="requests in flight (--http)")

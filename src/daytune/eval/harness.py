@@ -268,7 +268,8 @@ def agreement(
     MMLU: our 5-shot HELM-format scenario vs lm-eval's `mmlu_<subject>` with 5 shots (its own prompt) on the same
     test questions. TruthfulQA: our mc_single (5 shots, lettered options) vs lm-eval's `truthfulqa_mc1` (its fixed
     6-QA preamble, each full answer scored) on the same questions. The prompts differ by design (HELM's vs
-    lm-eval's), so agreement means: the paired 95% CI of the difference (over instances) contains 0."""
+    lm-eval's), so agreement means: the paired 95% CI of the difference (over instances) contains 0. (That the
+    engine computes lm-eval's requests exactly is checked separately, request by request against HFLM.)"""
     from daytune.eval.metrics import paired_bootstrap
     from daytune.eval.scenarios import SCENARIOS, Settings
 
@@ -282,6 +283,8 @@ def agreement(
     )
     theirs = {f"{t[5:]}/test/{s['doc_id']}": s["acc"] for t in tasks for s in res["samples"][t]}
     out["mmlu"] = _agree(ours, theirs, paired_bootstrap, iters)
+    if not truthfulqa:
+        return out
     tqa = SCENARIOS["truthfulqa"]()
     insts = tqa.load(data, Settings(max_instances=truthfulqa))
     ours, _ = tqa.run(lm, insts, Settings())

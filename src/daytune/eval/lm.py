@@ -372,8 +372,9 @@ class HttpLM(LM):
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(fn, items))
 
-    def _echo_score(self, prompt: str, n_skip_text_tokens: int) -> tuple[float, bool, int]:
-        """Sum the echoed logprobs of the prompt's tokens after its first `n_skip_text_tokens` ones."""
+    def _echo_score(self, prompt: str, n_skip_text_tokens: int) -> tuple[float, bool, int, float, int]:
+        """(sum of the echoed logprobs after the first `n_skip_text_tokens` tokens, all of them greedy, how many,
+        seconds, prompt tokens)."""
         t0 = time.perf_counter()
         whole = self.tokenize(prompt)
         body = self.process(prompt, 0, echo=True)
