@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -91,6 +92,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "lm_eval_hflm": {"seconds": round(t_hf, 2), "requests_per_s": round(len(requests) / t_hf, 2)},
         "daytune": {"seconds": round(t_ours, 2), "requests_per_s": round(len(requests) / t_ours, 2)},
         "speedup": round(t_hf / t_ours, 2),

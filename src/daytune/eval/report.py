@@ -76,6 +76,9 @@ def load_results(path: str | Path) -> dict:
     return data
 
 
+MIN_PAIRED = 10  # instances both runs scored, for a significance verdict
+
+
 def compare(a: dict, b: dict, iters: int = 1000) -> list[dict]:
     """B minus A for every metric both have, on the instances both scored (paired bootstrap over instances)."""
     rows = []
@@ -103,7 +106,8 @@ def compare(a: dict, b: dict, iters: int = 1000) -> list[dict]:
                 va, vb = sa["metrics"][metric]["value"], sb["metrics"][metric]["value"]
                 lo = hi = p = float("nan")
             delta = vb - va
-            significant = not math.isnan(lo) and (lo > 0 or hi < 0)
+            # a bootstrap over a handful of instances understates the spread: no verdict below MIN_PAIRED
+            significant = len(shared) >= MIN_PAIRED and not math.isnan(lo) and (lo > 0 or hi < 0)
             if not significant:
                 better = None
             elif spec.higher_is_better is None:  # bias: closer to 0 is better
@@ -121,7 +125,8 @@ def compare_markdown(rows: list[dict], a_name: str, b_name: str) -> str:
     lines = [
         f"## {b_name} vs {a_name}",
         "",
-        "Δ = B - A on the instances both scored; 95% CI from a paired bootstrap; * = the CI excludes 0.",
+        f"Δ = B - A on the instances both scored; 95% CI from a paired bootstrap; * = the CI excludes 0 "
+        f"(judged only with at least {MIN_PAIRED} instances).",
         "",
         "| scenario | metric | A | B | Δ | 95% CI of Δ | p | n |",
         "|---|---|---:|---:|---:|---|---:|---:|",
