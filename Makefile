@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 STAMP := $(VENV)/.daytune-setup
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast bench lint clean helm-venv
 
 setup: $(STAMP)
 
@@ -28,9 +28,24 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+bench: setup
+	$(PIP) -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/train_throughput.py
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# Optional: HELM's own HTTP client in a separate venv (never the main one), so tests/test_serve_helm.py can drive
+# the server with HELM's HTTPModelClient and HTTPModelTokenizer. Tests skip without it; CI does not need it.
+HELM_VENV ?= .venv-helm
+helm-venv: $(HELM_VENV)/.daytune-helm
+
+$(HELM_VENV)/.daytune-helm: helm-constraints.txt
+	@test -x $(HELM_VENV)/bin/python || $(PYTHON) -m venv $(HELM_VENV)
+	$(HELM_VENV)/bin/python -m pip install --disable-pip-version-check -q $(TORCH_SPEC)
+	$(HELM_VENV)/bin/python -m pip install --disable-pip-version-check -q -c helm-constraints.txt crfm-helm
+	@touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(HELM_VENV) .pytest_cache

@@ -1,12 +1,21 @@
-"""Training throughput and peak memory: daytune's loop vs Hugging Face `Trainer`, same model, data and settings.
+"""Training throughput, memory and MFU: daytune vs the Hugging Face path most users take, side by side, one run.
 
-    python benchmarks/train_throughput.py [--steps 6] [--warmup 2] [--out benchmarks/results/train_throughput.json]
+    python benchmarks/train_throughput.py [--steps 6] [--warmup 2] [--runners ...] [--device cpu|cuda]
 
-Both train LoRA r=8 on q/k/v/o of SmolLM2-135M in fp32 with micro-batch 4. Two workloads:
-  packed   every sequence exactly 256 tokens, every token trained (pure compute: no padding, no masking)
-  sft      the GSM8K instruction sample, chat template, loss on responses only, padded per batch (max 256)
-Each (workload, trainer) runs in its own process so peak RSS is its own; the first `--warmup` steps are not timed.
-Prints a table and writes JSON. Ratios matter, not absolute numbers: machines are noisy.
+Same model (SmolLM2-135M; on --device cuda a ~1B Llama built from a config with random weights), same data (the
+GSM8K train sample, its natural length spread, chat template, loss on answers), LoRA r=16 on all linear layers,
+max_seq_len 512, 8 sequences per optimizer step, fp32 on CPU (bf16 on GPU), no gradient checkpointing:
+
+  trl-sft          TRL SFTTrainer + PEFT, its default batching (pad to the longest in each batch)
+  trl-sft-packed   the same with TRL's own packing turned on (packing=True)
+  daytune-lora     daytune, packing on
+  trainer-full     full fine-tuning with TRL SFTTrainer (HF Trainer underneath), default batching
+  daytune-full     full fine-tuning with daytune, packing on
+
+Each runner is its own process (its peak RSS is its own). Useful tokens = non-padding tokens. MFU = model FLOPs per
+useful token x tokens/s / the fp32 (bf16 on GPU) matmul peak measured at the start of this run. Model FLOPs per
+token: 2N forward + 2N backward through frozen weights (+2N weight gradients for full fine-tuning), N = parameters
+in matmuls (embedding lookup excluded, output layer included), plus attention. Writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -18,143 +27,156 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "gsm8k_train.jsonl"
-SEQ, MICRO, ROWS = 256, 4, 96
+SEQ, ROWS, SEQS_PER_STEP = 512, 400, 8
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}
+RUNNERS = ["trl-sft", "trl-sft-packed", "daytune-lora", "trainer-full", "daytune-full"]
 
 
-def build_examples(workload: str, tokenizer):
-    from daytune.data import encode_records, read_instructions
-    from daytune.data.tokenize import Example
+def model_path(device: str) -> Path:
+    from daytune.models import resolve_model
 
-    records = read_instructions(DATA, ROWS)
-    if workload == "sft":
-        examples, _ = encode_records(records, tokenizer, "chat", SEQ)
-        return examples
-    stream = []
-    for r in records:
-        stream += tokenizer(
-            r["instruction"] + "\n" + r["output"] + tokenizer.eos_token, add_special_tokens=False
-        )["input_ids"]
-    return [Example(stream[i : i + SEQ], stream[i : i + SEQ]) for i in range(0, len(stream) - SEQ + 1, SEQ)]
+    if device == "cpu":
+        return resolve_model("smollm2-135m", log=lambda *a: None)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = Path(tempfile.gettempdir()) / "daytune-bench-llama-1b"
+    if not (folder / "config.json").is_file():
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                          num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        tok_src = resolve_model("smollm2-135m", log=lambda *a: None)
+        AutoTokenizer.from_pretrained(tok_src).save_pretrained(folder)
+    return folder
 
 
-def run_daytune(workload: str, steps: int, warmup: int) -> dict:
-    import tempfile
+def matmul_peak_gflops(device: str, dtype_name: str) -> float:
+    import torch
 
-    import daytune.train.loop as loop
+    dtype = getattr(torch, dtype_name)
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_token(config, full: bool, seq: int) -> float:
+    """Model FLOPs per trained token (see the module docstring)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * config.intermediate_size  # q,o + k,v + gate,up,down
+    n = layers * per_layer + h * config.vocab_size
+    attention = 2 * 2 * layers * seq * h / 2  # QK^T and AV, causal: half the square on average
+    forward = 2 * n + attention
+    return forward * (3 if full else 2)
+
+
+def records():
+    from daytune.data import read_instructions
+
+    return read_instructions(DATA, ROWS)
+
+
+# ---- runners (each in its own process) ---------------------------------------------------------------------------
+def run_daytune(full: bool, device: str, steps: int, warmup: int) -> dict:
     from daytune.config import RunConfig
-    from daytune.models import load_tokenizer, resolve_model
     from daytune.track import RunDir
+    from daytune.train.loop import train
 
-    path = resolve_model("smollm2-135m")
-    tok = load_tokenizer(path)
-    examples = build_examples(workload, tok)
-    loop.encode_records = lambda *a, **k: (
-        examples,
-        type("S", (), {"truncated": 0})(),
-    )  # same examples as the peer
-    cfg = RunConfig(model=str(path))
-    cfg.data.train = str(DATA)
-    cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.max_steps = MICRO, 1, steps + warmup
-    cfg.train.precision, cfg.train.checkpoint_every, cfg.train.warmup_steps = "32-true", 10_000, 1
+    cfg = RunConfig(model=str(model_path(device)))
+    cfg.data.train, cfg.data.max_seq_len, cfg.data.packing = str(DATA), SEQ, True
+    tc = cfg.train
+    tc.method = "full" if full else "lora"
+    tc.lora.r, tc.lora.alpha, tc.lora.dropout, tc.lora.targets = LORA["r"], LORA["alpha"], LORA["dropout"], LORA["targets"]
+    tc.micro_batch, tc.grad_accum = 2, 2  # 2 packed rows of 512 ~ 4-5 examples each micro-batch: ~8 per step
+    tc.max_steps, tc.warmup_steps, tc.checkpoint_every = steps + warmup, 1, 10_000
+    tc.precision = "32-true" if device == "cpu" else "bf16-true"
+    tc.device = device
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir.create(tmp, "bench")
-        loop.train(cfg, run)
+        train(cfg, run)
         metrics = run.read_metrics()[warmup:]
-    tokens = sum(m["tokens"] for m in metrics)
-    seconds = sum(m["step_seconds"] for m in metrics)
-    return {"tokens": tokens, "seconds": seconds}
+    return {"tokens": sum(m["tokens"] for m in metrics), "seconds": sum(m["step_seconds"] for m in metrics),
+            "steps": len(metrics), "padding": sum(m["padding"] for m in metrics) / len(metrics)}
 
 
-def run_hf_trainer(workload: str, steps: int, warmup: int) -> dict:
+def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
 
-    from daytune.models import load_model, load_tokenizer, resolve_model
-
-    path = resolve_model("smollm2-135m")
-    tok = load_tokenizer(path)
-    examples = build_examples(workload, tok)
-    model = get_peft_model(
-        load_model(path),
-        LoraConfig(
-            r=8,
-            lora_alpha=16,
-            lora_dropout=0.05,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            task_type="CAUSAL_LM",
-        ),
-    )
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-
-    def collate(rows):
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = (
-                torch.tensor(r["input_ids"]),
-                torch.tensor(r["labels"]),
-                1,
-            )
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    timings = []
+    path = model_path(device)
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [{"prompt": [{"role": "user", "content": r["instruction"]}],
+             "completion": [{"role": "assistant", "content": r["output"]}]} for r in records()]
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    peft_config = None if full else LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                               target_modules="all-linear", task_type="CAUSAL_LM")
+    timings, tokens = [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
             timings.append(time.perf_counter() - self.t0)
 
-    tokens_per_step = []
-    real_collate = collate
-
-    def counting_collate(rows):
-        batch = real_collate(rows)
-        tokens_per_step.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=MICRO,
-            gradient_accumulation_steps=1,
-            max_steps=steps + warmup,
-            learning_rate=3e-4,
-            warmup_steps=1,
-            lr_scheduler_type="cosine",
-            logging_steps=1000,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            disable_tqdm=True,
+        args = SFTConfig(
+            output_dir=tmp, max_length=SEQ, packing=packing, per_device_train_batch_size=2 if packing else 4,
+            gradient_accumulation_steps=2, max_steps=steps + warmup, learning_rate=2e-4, warmup_steps=1,
+            logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device == "cpu", bf16=device != "cpu",
+            gradient_checkpointing=False, disable_tqdm=True, seed=42,
         )
-        Trainer(
-            model=model, args=args, train_dataset=dataset, data_collator=counting_collate, callbacks=[Timer()]
-        ).train()
-    return {"tokens": sum(tokens_per_step[warmup : warmup + steps]), "seconds": sum(timings[warmup:])}
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=peft_config, callbacks=[Timer()])
+        collate = trainer.data_collator
+
+        def counting(batch):
+            out = collate(batch)
+            mask = out.get("attention_mask")
+            tokens.append(int(mask.sum()) if mask is not None else int(out["input_ids"].numel()))
+            return out
+
+        trainer.data_collator = counting
+        trainer.train()
+    per_step = [sum(tokens[i * 2 : i * 2 + 2]) for i in range(len(timings))]
+    return {"tokens": sum(per_step[warmup:]), "seconds": sum(timings[warmup:]), "steps": len(timings) - warmup}
 
 
-def child(trainer: str, workload: str, steps: int, warmup: int) -> None:
+def child(runner: str, device: str, steps: int, warmup: int) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    fn = run_daytune if trainer == "daytune" else run_hf_trainer
-    result = fn(workload, steps, warmup)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if runner.startswith("daytune"):
+        result = run_daytune(runner.endswith("full"), device, steps, warmup)
+    else:
+        result = run_trl(runner == "trainer-full", runner == "trl-sft-packed", device, steps, warmup)
+    import torch
+
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -162,80 +184,71 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--workloads", default="packed,sft")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
-    ap.add_argument("--child", nargs=2, metavar=("TRAINER", "WORKLOAD"), help=argparse.SUPPRESS)
+    ap.add_argument("--runners", default=",".join(RUNNERS))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(*args.child, args.steps, args.warmup)
+        child(args.child, args.device, args.steps, args.warmup)
         return
-    env = dict(
-        os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1"
-    )
-    rows = []
-    for workload in args.workloads.split(","):
-        for trainer in ("hf-trainer", "daytune"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                trainer,
-                workload,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"{trainer}/{workload} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[-1][7:])
-            r.update(trainer=trainer, workload=workload, tokens_per_s=r["tokens"] / r["seconds"])
-            rows.append(r)
-            print(
-                f"{workload:7s} {trainer:11s} {r['tokens_per_s']:8.1f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB",
-                flush=True,
-            )
-    summary = {}
-    for workload in args.workloads.split(","):
-        hf = next(r for r in rows if r["workload"] == workload and r["trainer"] == "hf-trainer")
-        dt = next(r for r in rows if r["workload"] == workload and r["trainer"] == "daytune")
-        summary[workload] = {
-            "speedup": round(dt["tokens_per_s"] / hf["tokens_per_s"], 3),
-            "memory_ratio": round(dt["peak_rss_mb"] / hf["peak_rss_mb"], 3),
-        }
-        print(
-            f"{workload:7s} daytune / HF Trainer: {summary[workload]['speedup']:.2f}x tokens/s, "
-            f"{summary[workload]['memory_ratio']:.2f}x peak RSS"
-        )
     import torch
+    from transformers import AutoConfig
 
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    peak = matmul_peak_gflops(args.device, dtype)
+    config = AutoConfig.from_pretrained(model_path(args.device))
+    print(f"matmul peak ({dtype}, {args.device}): {peak:.1f} GFLOP/s", flush=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               TQDM_DISABLE="1")
+    rows = []
+    for runner in args.runners.split(","):
+        cmd = [sys.executable, __file__, "--child", runner, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            print(f"{runner} failed:\n{out.stderr[-3000:]}", flush=True)
+            continue
+        r = json.loads(line[-1][7:])
+        full = runner.endswith("full")
+        tps = r["tokens"] / r["seconds"]
+        r.update(runner=runner, tokens_per_s=round(tps, 2), step_seconds=round(r["seconds"] / max(1, r["steps"]), 3),
+                 mfu=round(tps * flops_per_token(config, full, SEQ) / (peak * 1e9), 4))
+        rows.append(r)
+        print(f"{runner:15s} {tps:8.1f} useful tok/s  step {r['step_seconds']:6.2f}s  MFU {r['mfu']:6.1%}  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    by = {r["runner"]: r for r in rows}
+
+    def ratio(a, b, key="tokens_per_s"):
+        return round(by[a][key] / by[b][key], 3) if a in by and b in by else None
+
+    summary = {
+        "lora_speedup": ratio("daytune-lora", "trl-sft"),
+        "lora_speedup_vs_packed": ratio("daytune-lora", "trl-sft-packed"),
+        "lora_rss_ratio": ratio("daytune-lora", "trl-sft", "peak_rss_mb"),
+        "full_speedup": ratio("daytune-full", "trainer-full"),
+        "full_rss_ratio": ratio("daytune-full", "trainer-full", "peak_rss_mb"),
+        "targets": {"lora_speedup": 1.5, "lora_speedup_vs_packed": 1.1, "lora_rss_ratio": 0.8, "full_speedup": 1.3},
+    }
+    for k, v in summary.items():
+        if k != "targets":
+            print(f"{k:24s} {v}")
     report = {
         "benchmark": "train_throughput",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "settings": {
-            "model": "smollm2-135m",
-            "method": "lora r=8 q,k,v,o",
-            "precision": "fp32",
-            "seq_len": SEQ,
-            "micro_batch": MICRO,
-            "timed_steps": args.steps,
-            "warmup_steps": args.warmup,
-        },
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "device": args.device, "threads": torch.get_num_threads()},
+        "settings": {"model": str(model_path(args.device).name), "lora": LORA, "max_seq_len": SEQ,
+                     "sequences_per_step": SEQS_PER_STEP, "timed_steps": args.steps, "warmup_steps": args.warmup,
+                     "matmul_peak_gflops": round(peak, 1)},
         "rows": rows,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or ROOT / "benchmarks" / "results" / f"train_throughput_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,27 @@ def test_quickstart_recipe_loads():
     cfg = load_run_config(EXAMPLES / "quickstart.yaml")
     assert cfg.train.budget == "3m" and cfg.model == "smollm2-135m"
     assert cfg.data.train.endswith("gsm8k_train.jsonl")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in __import__("conftest").EXAMPLES.glob("*.yaml")))
+def test_example_recipes_validate(recipe):
+    from conftest import EXAMPLES
+
+    cfg = load_run_config(EXAMPLES / recipe)
+    assert cfg.data.train and cfg.train.method
+
+
+def test_interval_parsing():
+    from daytune.config import parse_interval
+
+    assert parse_interval(50, "x") == ("steps", 50.0) and parse_interval("50", "x") == ("steps", 50.0)
+    assert parse_interval("10m", "x") == ("seconds", 600.0)
+    with pytest.raises(ConfigError, match="train.checkpoint_every"):
+        parse_interval("often", "train.checkpoint_every")
+
+
+def test_packing_with_virtual_tokens_is_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  packing: true\ntrain:\n  method: prefix\n")
+    with pytest.raises(ConfigError, match="data.packing: method prefix"):
+        load_run_config(p)

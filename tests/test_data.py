@@ -3,7 +3,7 @@ import json
 import pytest
 
 from daytune.data import encode_records, read_instructions, read_multiple_choice
-from daytune.data.batching import collate, micro_batch_indices
+from daytune.data.batching import BatchPlan, collate
 from daytune.data.templates import render
 from daytune.data.tokenize import IGNORE_INDEX
 from daytune.errors import ConfigError, DataError
@@ -101,10 +101,12 @@ def test_chat_template_missing_is_a_clear_error(tiny_model):
 
 
 def test_batch_order_is_deterministic_and_covers_each_epoch():
-    first_epoch = [i for k in range(3) for i in micro_batch_indices(10, 4, seed=1, k=k)]
-    assert sorted(first_epoch) == list(range(10))
-    assert micro_batch_indices(10, 4, 1, 5) == micro_batch_indices(10, 4, 1, 5)
-    assert micro_batch_indices(10, 4, 1, 3) != micro_batch_indices(10, 4, 2, 3)
+    plan = BatchPlan([5] * 10, micro_batch=4, seed=1, max_seq_len=64)
+    first_epoch = [row[0] for k in range(3) for row in plan.get(k)]
+    assert sorted(first_epoch) == list(range(10)) and plan.per_epoch() == 3
+    again = BatchPlan([5] * 10, micro_batch=4, seed=1, max_seq_len=64)
+    assert plan.get(5) == again.get(5)
+    assert plan.get(3) != BatchPlan([5] * 10, micro_batch=4, seed=2, max_seq_len=64).get(3)
 
 
 def test_collate_pads_and_masks():

@@ -137,3 +137,59 @@ def test_token_texts_join_to_the_decoded_string(server):
     text = "naïve café — 東京"
     ids = server.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert "".join(token_texts(server.tokenizer, ids)) == text
+
+
+def test_first_echoed_token_is_helms_no_context_token(client):
+    body = client.post(
+        "/process", json=dict(HELM_REQUEST, echo_prompt=True, max_new_tokens=0, top_k_per_token=2)
+    ).json()
+    first = body["tokens"][0]
+    assert first["logprob"] == 0.0 and first["top_logprob"] == {}
+    assert body["completions"][0]["finish_reason"] == "length"
+
+
+def test_default_max_new_tokens_respects_the_server_cap(tiny_model_dir, server):
+    from daytune.serve.options import ServeOptions
+
+    app = create_app(server, ServeOptions(max_new_tokens=5))
+    try:
+        body = (
+            TestClient(app).post("/process", json={"prompt": "Weng earns"}).json()
+        )  # default 100, capped to 5
+        assert len(body["tokens"]) <= 5
+    finally:
+        app.state.scheduler.close(5)
+
+
+def test_stop_sequences_property(client, server):
+    """For any stop sequence: text is the free text cut before its first occurrence, and tokens join to text."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    free = client.post("/process", json=dict(HELM_REQUEST, max_new_tokens=16)).json()
+    text = free["text"]
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.integers(0, len(text) - 1), st.integers(1, 4), st.text(max_size=2))
+    def check(start, length, junk):
+        stop = text[start : start + length] if junk == "" else junk + text[start : start + length]
+        body = client.post(
+            "/process", json=dict(HELM_REQUEST, max_new_tokens=16, stop_sequences=[stop])
+        ).json()
+        expected = text[: text.index(stop)] if stop in text else None
+        if expected is not None:
+            assert body["text"] == expected
+            assert body["completions"][0]["finish_reason"] == "stop"
+        else:  # the stop sequence may appear only across what the free text had; then nothing is cut
+            assert text.startswith(body["text"])
+        assert "".join(t["text"] for t in body["tokens"]) == body["text"]
+        assert body["logprob"] == pytest.approx(sum(t["logprob"] for t in body["tokens"]))
+
+    check()
+
+
+def test_generated_text_keeps_a_leading_space_in_context(server):
+    """Token texts come from an incremental detokenizer seeded with prompt context."""
+    ids = server.tokenizer(" sold clips to her friends", add_special_tokens=False)["input_ids"]
+    texts = token_texts(server.tokenizer, ids[2:], context=ids[:2])
+    assert "".join(texts) == server.tokenizer.decode(ids)[len(server.tokenizer.decode(ids[:2])) :]

@@ -52,11 +52,14 @@ def test_trains_saves_and_reloads_with_plain_peft(tiny_recipe, tiny_model_dir):
         merged_logits = tuned.merge_and_unload()(ids).logits
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)  # the adapter learned something
     assert torch.allclose(tuned_logits, merged_logits, atol=1e-4)
-    # the final checkpoint holds the same adapter
+    # the final checkpoint holds the same trained weights, by parameter name
     final = find_resume_checkpoint(run)
-    a = load_file(str(final / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(run.adapter / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_file(str(final / "weights.safetensors"))
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run.adapter)
+    )
+    state = reloaded.state_dict()
+    assert saved and all(torch.equal(saved[k], state[k]) for k in saved)
 
 
 def test_grad_accumulation_equals_bigger_micro_batch(tiny_recipe):
@@ -110,15 +113,17 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_recipe, monkeypatch):
 
 
 def test_budget_stops_in_time_and_saves(tiny_recipe):
-    cfg = load_run_config(tiny_recipe(train={"max_steps": 100_000, "budget": "3s", "checkpoint_every": 1000}))
+    cfg = load_run_config(tiny_recipe(train={"max_steps": 100_000, "budget": "6s", "checkpoint_every": 1000}))
     run = new_run(cfg)
     result = train(cfg, run)
     assert result.stopped_by == "budget" and 0 < result.steps < 100_000
-    assert result.elapsed_seconds <= 3.0
+    assert result.elapsed_seconds <= 6.0 * 1.01
     assert (run.adapter / "adapter_model.safetensors").is_file()
     assert list_checkpoints(run.checkpoints)[-1].name == f"step-{result.steps:07d}"
     lrs = [m["lr"] for m in run.read_metrics()]
-    assert lrs[-1] < 0.5 * max(lrs)  # the cosine is driven by the deadline, not the step count
+    # the schedule's horizon is the deadline, not step 100000: the cosine has decayed and aims at the last step
+    horizon = run.read_metrics()[-1]["total_steps"]
+    assert horizon < 1000 and lrs[-1] < 0.9e-3
 
 
 def test_sigterm_stops_and_saves(tiny_recipe, monkeypatch):
@@ -146,12 +151,11 @@ def test_unknown_lora_target_is_a_clear_error(tiny_recipe):
 
 def test_lr_schedule():
     kw = dict(lr=1.0, warmup=2, min_ratio=0.1)
-    assert lr_at(0, 10, 0.0, **kw) == 0.5 and lr_at(1, 10, 0.0, **kw) == 1.0
-    assert lr_at(2, 10, 0.0, **kw) == pytest.approx(1.0)
-    assert lr_at(10, 10, 0.0, **kw) == pytest.approx(0.1)
-    mid = lr_at(6, 10, 0.0, **kw)
-    assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(3, 10, 1.0, **kw) == pytest.approx(0.1)  # out of time: at the floor
+    assert lr_at(0, 10, **kw) == 0.5 and lr_at(1, 10, **kw) == 1.0
+    assert lr_at(2, 10, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 8)))
+    assert lr_at(5, 10, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(9, 10, **kw) == pytest.approx(0.1)  # the last step runs at the floor
+    assert lr_at(20, 10, **kw) == pytest.approx(0.1)
 
 
 def test_run_folders_are_never_reused(tmp_path):

@@ -79,6 +79,17 @@ class Budget:
         """Keep room for twice the slowest save seen so far."""
         self.save_reserve = max(self.save_reserve, 2.0 * seconds)
 
+    def mean_step(self) -> float:
+        return sum(self._step_times) / len(self._step_times) if self._step_times else 0.0
+
+    def steps_left(self, extra_seconds: float = 0.0) -> int | None:
+        """Steps that still fit before the stop rule fires (typical step time), None without a budget."""
+        remaining = self.remaining()
+        if remaining is None or not self._step_times:
+            return None
+        fit = remaining - self.save_reserve - extra_seconds - self.next_step_estimate()
+        return max(0, int(fit / max(1e-9, self.mean_step()))) + 1
+
     def next_step_estimate(self) -> float:
         return max(self._step_times) * self.safety if self._step_times else 0.0
 
@@ -87,6 +98,11 @@ class Budget:
         if remaining is None:
             return False
         return remaining < self.next_step_estimate() + self.save_reserve
+
+    def can_afford(self, seconds: float) -> bool:
+        """Is there time for `seconds` of extra work (an evaluation) and still a step and the final save?"""
+        remaining = self.remaining()
+        return remaining is None or remaining > seconds + self.next_step_estimate() + self.save_reserve
 
     def fraction_used(self) -> float:
         return 0.0 if self.seconds is None else min(1.0, self.elapsed() / self.seconds)

@@ -17,6 +17,8 @@ EPILOG = """examples:
   daytune train examples/quickstart.yaml --resume auto continue the newest unfinished run of this recipe
   daytune eval --run runs/<run-id> --with-base         evaluation suite: the run's adapter vs the base model
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
+  daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
+  daytune submit runs/<run-id> --out submission/       a Dockerfile folder for the competition
 """
 
 
@@ -122,16 +124,18 @@ def _parser() -> argparse.ArgumentParser:
 
     _eval_parser(sub)
 
-    sp = sub.add_parser("serve", help="serve a model through the competition HTTP API")
-    src = sp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run folder: serve its model with its adapter merged")
-    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
-    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
+    _serve_parser(sub)
+    _submit_parser(sub)
+
+    sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
+    sp.add_argument("run", help="a run folder")
+    sp.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
     sp.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+        "--merge", action="store_true", help="fold the adapter into the base: a full HF model folder"
     )
-    sp.add_argument("--port", type=int, default=8080)
-    sp.add_argument("--device", default="auto")
+    sp.add_argument(
+        "--dtype", default="float32", help="weights dtype of a merged model: float32, bfloat16, float16"
+    )
 
     sub.add_parser("models", help="list the models daytune knows by name and the local model cache")
     return p
@@ -218,56 +222,52 @@ def _cmd_eval_suite(args, reporter) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     if not args.harness:
         suite_plan(args.suite, scenarios, args.max_instances)  # bad names fail before loading a model
-    run_path, model_ref, adapter = None, args.model, args.adapter
+    run_path, model_ref, trained = None, args.model, args.adapter
     if args.run:
         from daytune.config import load_run_config
         from daytune.track import RunDir
 
         run = RunDir.open(args.run)
-        run_path, model_ref, adapter = run.path, load_run_config(run.path / "config.yaml").model, run.adapter
-        if not (adapter / "adapter_config.json").is_file():
-            raise DaytuneError(f"{run.path}: no adapter/ yet (the run has not saved a model)")
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise DaytuneError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        run_path, model_ref, trained = run.path, load_run_config(run.path / "config.yaml").model, run.trained
+        if not trained.is_dir():
+            raise DaytuneError(f"{run.path}: no adapter/ or model/ yet (the run has not saved a model)")
+    elif trained and not (Path(trained) / "adapter_config.json").is_file():
+        raise DaytuneError(f"--adapter {trained}: not a PEFT adapter folder (no adapter_config.json)")
     out = _eval_out_dir(args, run_path, "harness" if args.harness else args.suite)
     if args.http is not None:
         lm = HttpLM(args.http or None, concurrency=args.concurrency)
+    elif args.with_base and trained and not args.harness:
+        lm = None  # loaded below, after the base model
     else:
-        lm = LocalLM.load(model_ref, str(adapter) if adapter else None, args.batch_size, log=reporter.log)
+        lm = LocalLM.load(model_ref, str(trained) if trained else None, args.batch_size, log=reporter.log)
 
     if args.harness:
         return _cmd_eval_harness(args, reporter, lm, out)
 
-    def one(label: str) -> dict:
+    def one(lm_, label: str) -> dict:
+        from daytune.eval.suites import run_suite
+
         reporter.log(f"Evaluating {label} on suite '{args.suite}'...")
-        res = run_suite_for(lm, label)
-        folder = out / label if label in ("base", "tuned") else out
-        j, m = write_results(res, folder)
+        res = run_suite(
+            lm_, args.suite, args.data_root, scenarios, args.max_instances, args.bootstrap, reporter.log
+        )
+        res["title"] = label if label in ("base", "tuned") else lm_.name
+        j, m = write_results(res, out / label if label in ("base", "tuned") else out)
         reporter.print(markdown_table(res), markup=False)
         reporter.print(f"Results: {j} and {m}")
         return res
 
-    def run_suite_for(lm_, label):
-        from daytune.eval.suites import run_suite
-
-        res = run_suite(
-            lm_, args.suite, args.data_root, scenarios, args.max_instances, args.bootstrap, reporter.log
-        )
-        res["title"] = label if label not in ("model",) else lm_.name
-        return res
-
     DataRoot(suite_data_root(args.suite, args.data_root)).path("")  # a missing data root fails early
-    if adapter and args.with_base and isinstance(lm, LocalLM):
-        with lm.model.disable_adapter():
-            base = one("base")
-        tuned = one("tuned")
+    if lm is None:  # --with-base: the base model first, then the trained one (one in memory at a time)
+        base = one(LocalLM.load(model_ref, None, args.batch_size, log=reporter.log), "base")
+        tuned = one(LocalLM.load(model_ref, str(trained), args.batch_size, log=reporter.log), "tuned")
         rows = compare(base, tuned, iters=args.bootstrap)
         text = compare_markdown(rows, "base", "tuned")
         write_json_atomic(out / "compare.json", {"a": "base", "b": "tuned", "rows": rows})
         write_text_atomic(out / "compare.md", text)
         reporter.print(text, markup=False)
     else:
-        one("model")
+        one(lm, "model")
     return 0
 
 
@@ -298,48 +298,92 @@ def _cmd_eval_harness(args, reporter, lm, out: Path) -> int:
 def _cmd_eval_recipe(args, reporter) -> int:
     """The recipe's eval section (held-out loss, multiple-choice accuracy), base vs tuned: what `daytune run`
     reports besides the suite."""
-    import torch
-
     from daytune.config import load_run_config
-    from daytune.eval import evaluate
     from daytune.fileio import write_json_atomic
-    from daytune.models import load_model, load_tokenizer, resolve_model
-    from daytune.pipeline import eval_table
+    from daytune.pipeline import eval_table, evaluate_pair
     from daytune.track import RunDir
-    from daytune.train.lora import load_adapter
 
     if args.run:
         run = RunDir.open(args.run)
-        cfg = load_run_config(args.recipe, args.set)
-        model_ref, adapter = cfg.model, run.adapter
+        cfg = load_run_config(args.recipe or run.path / "config.yaml", args.set)
+        model_ref, trained = cfg.model, run.trained
         out = Path(args.out or run.path / "eval.json")
     else:
         cfg = load_run_config(args.recipe, args.set)
-        model_ref, adapter = args.model, args.adapter
+        model_ref, trained = args.model, Path(args.adapter) if args.adapter else None
         out = Path(args.out or "eval.json")
     if not (cfg.eval.heldout or cfg.eval.multiple_choice):
         raise DaytuneError(
             "nothing to evaluate: set eval.heldout and/or eval.multiple_choice (--recipe or --set)"
         )
-    path = resolve_model(model_ref, log=reporter.log)
-    tokenizer = load_tokenizer(path)
-    model = load_model(path)
-    results = {}
-    with torch.no_grad():
-        if adapter:
-            model = load_adapter(model, adapter)
-            if cfg.eval.base:
-                with model.disable_adapter():
-                    results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-            results["tuned"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-        else:
-            results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
+    results = evaluate_pair(cfg, model_ref, trained, reporter)
     write_json_atomic(
-        out, {"model": model_ref, "adapter": str(adapter) if adapter else None, "results": results}
+        out, {"model": model_ref, "trained": str(trained) if trained else None, "results": results}
     )
     reporter.print(eval_table(results))
     reporter.print(f"Results: {out}")
     return 0
+
+
+def _serve_parser(sub) -> None:
+    from daytune.serve.options import TOKEN_ENV, ServeOptions
+
+    d = ServeOptions()
+    sp = sub.add_parser(
+        "serve",
+        help="serve a model through the competition HTTP API",
+        description="Serve a model (adapter merged at load) through the NeurIPS LLM Efficiency Challenge API: "
+        "POST /process, /tokenize, /decode and GET /health. Concurrent requests are batched.",
+    )
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder: serve its model with its adapter merged")
+    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
+    sp.add_argument("--run-id", help="the run id /health reports (with --model; --run sets it itself)")
+    sp.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    sp.add_argument(
+        "--token",
+        help=f"require 'Authorization: Bearer TOKEN' on every endpoint but /health (or set ${TOKEN_ENV})",
+    )
+    sp.add_argument(
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help=f"sequences decoded together; 1 = one at a time ({d.max_batch})",
+    )
+    sp.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help=f"waiting sequences before answering 503 ({d.max_queue})",
+    )
+    sp.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=d.max_prefill_tokens,
+        help="padded prompt tokens per prefill step",
+    )
+    sp.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help=f"cap on max_new_tokens ({d.max_new_tokens})",
+    )
+    sp.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="seconds before a request gets HTTP 504",
+    )
+    sp.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=d.shutdown_grace,
+        help="seconds in-flight requests get on SIGTERM",
+    )
 
 
 def _cmd_serve(args, reporter) -> int:
@@ -348,22 +392,97 @@ def _cmd_serve(args, reporter) -> int:
     from daytune.config import load_run_config
     from daytune.serve.app import create_app
     from daytune.serve.model import ServeModel
+    from daytune.serve.options import ServeOptions
     from daytune.track import RunDir
 
+    for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_new_tokens", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise DaytuneError(
+                f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}"
+            )
+    if args.request_timeout <= 0:
+        raise DaytuneError(f"--request-timeout: must be positive, got {args.request_timeout}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DaytuneError(f"--threads: must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.run:
         run = RunDir.open(args.run)
-        if not (run.adapter / "adapter_config.json").is_file():
-            raise DaytuneError(f"{run.path}: no adapter/ yet (the run has not saved a model)")
+        if not run.trained.is_dir():
+            raise DaytuneError(f"{run.path}: no adapter/ or model/ yet (the run has not saved a model)")
         cfg = load_run_config(run.path / "config.yaml")
-        server = ServeModel(cfg.model, run.adapter, device=args.device, run_id=run.run_id, log=reporter.log)
+        server = ServeModel(cfg.model, run.trained, device=args.device, run_id=run.run_id, log=reporter.log)
     else:
         if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
             raise DaytuneError(
                 f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json)"
             )
-        server = ServeModel(args.model, args.adapter, device=args.device, log=reporter.log)
-    reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port}")
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+        server = ServeModel(
+            args.model, args.adapter, device=args.device, run_id=args.run_id, log=reporter.log
+        )
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_new_tokens=args.max_new_tokens,
+        request_timeout=args.request_timeout,
+        shutdown_grace=args.shutdown_grace,
+    )
+    auth = "bearer token required" if options.token else "no token"
+    reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port} ({auth})")
+    import signal
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found: make that
+    # a no-op, so a graceful stop ends with exit code 0 rather than a kill by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(
+        create_app(server, options),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=options.shutdown_grace,
+    )
+    reporter.print("Server stopped.")
+    return 0
+
+
+def _submit_parser(sub) -> None:
+    sp = sub.add_parser(
+        "submit",
+        help="write a competition submission folder (Dockerfile serving on port 80) for a run",
+        description="Write a self-contained submission folder for a run: a Dockerfile that installs pinned "
+        "requirements, fetches the base model's weights at build time and runs `daytune serve` on port 80.",
+    )
+    sp.add_argument("run", help="the run folder (runs/<run-id>)")
+    sp.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    sp.add_argument(
+        "--base-model",
+        help="where the image fetches the base model: a registered name or a hub id (default: the run's model)",
+    )
+
+
+def _cmd_submit(args, reporter) -> int:
+    from daytune.serve.submit import write_submission
+
+    out = write_submission(args.run, args.out, base_model=args.base_model, log=reporter.log)
+    reporter.print(
+        f"Submission folder: {out}\n  docker build -t my-submission {out} && docker run -p 8080:80 my-submission"
+    )
+    return 0
+
+
+def _cmd_export(args, reporter) -> int:
+    from daytune.train.export import export_run
+
+    out = export_run(args.run, args.out, merge=args.merge, dtype=args.dtype, log=reporter.log)
+    kind = "merged model" if args.merge or not (out / "adapter_config.json").is_file() else "PEFT adapter"
+    reporter.print(f"Exported {kind} to {out}")
     return 0
 
 
@@ -390,7 +509,12 @@ def _quiet_libraries() -> None:
     )  # GGUF conversion draws its own bar; daytune prints its own line
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="(transformers|peft|accelerate|torch)")
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, module="(transformers|peft|accelerate|torch|bitsandbytes)"
+    )
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernel notices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         "train": lambda: _cmd_run(args, reporter, train_only=True),
         "eval": lambda: _cmd_eval(args, reporter),
         "serve": lambda: _cmd_serve(args, reporter),
+        "export": lambda: _cmd_export(args, reporter),
+        "submit": lambda: _cmd_submit(args, reporter),
         "models": lambda: _cmd_models(args, reporter),
     }
     try:

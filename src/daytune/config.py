@@ -21,30 +21,82 @@ from daytune.errors import ConfigError
 
 PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed")
 TEMPLATES = ("chat", "alpaca")
-METHODS = ("lora",)
+METHODS = ("lora", "dora", "qlora", "full", "freeze", "adapter", "prefix", "prompt", "ptuning", "ia3")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 
 
 @dataclass
 class LoraConfig:
+    """lora, dora and qlora. targets: 'attention' (q/k/v/o), 'all-linear', or a list of module names."""
+
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class QuantConfig:
+    """qlora: the frozen base is stored in 4 bits (bitsandbytes)."""
+
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
+
+
+@dataclass
+class PromptLearningConfig:
+    """prefix, prompt and ptuning: trainable virtual tokens."""
+
+    num_virtual_tokens: int = 20
+    init_text: str | None = None  # prompt: initialise the soft prompt from this text's embeddings
+    encoder_hidden_size: int = 128  # ptuning: the prompt encoder's MLP width
+
+
+@dataclass
+class AdapterConfig:
+    """adapter: LLaMA-Adapter (adaption prompts with zero-initialised gates) on the top layers."""
+
+    adapter_len: int = 10
+    adapter_layers: int | None = None  # default: all layers
+
+
+@dataclass
+class IA3Config:
+    targets: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward: list[str] = field(default_factory=lambda: ["down_proj"])
+
+
+@dataclass
+class FreezeConfig:
+    """freeze: train only the top `top_k` transformer blocks (and the final norm)."""
+
+    top_k: int = 2
+    train_head: bool = False  # also train the output layer (tied to the embeddings in many small models)
 
 
 @dataclass
 class DataConfig:
     train: str | None = None  # JSONL with instruction, optional input, output
+    val: str | None = None  # validation JSONL; default: none, or a val_fraction split of train
+    val_fraction: float = 0.0  # hold out this fraction of train for validation when `val` is not given
+    val_rows: int | None = 200  # validation rows used (None: all)
     template: str = "chat"  # "chat" (the model's chat template) or "alpaca"
     max_seq_len: int = 512
     max_rows: int | None = None  # use only the first N training rows
     system_prompt: str | None = None  # chat template only; None keeps the template's default
+    packing: bool = False  # several examples per sequence (per-example positions, no cross-attention)
+    group_by_length: bool = False  # batch examples of similar length together (less padding) when not packing
 
 
 @dataclass
 class TrainConfig:
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prompt: PromptLearningConfig = field(default_factory=PromptLearningConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    ia3: IA3Config = field(default_factory=IA3Config)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     micro_batch: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
@@ -55,10 +107,14 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; default: epochs over the data
     budget: str | None = None  # wall-clock limit, e.g. "3m", "24h"; the run always ends with a saved model
     precision: str = "auto"
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (bitsandbytes)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     grad_clip: float | None = 1.0
     seed: int = 42
-    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    checkpoint_every: int | str = 50  # optimizer steps (50) or time ("10m") between checkpoints
     keep_checkpoints: int = 2
+    eval_every: int | str | None = None  # validation loss every N steps or a duration ("5m")
+    early_stopping_patience: int | None = None  # stop after N validations without improvement; keeps the best
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int | None = None  # torch CPU threads; None keeps torch's default
 
@@ -92,14 +148,28 @@ class RunConfig:
         _choice("data.template", self.data.template, TEMPLATES)
         _choice("train.method", self.train.method, METHODS)
         _choice("train.precision", self.train.precision, PRECISIONS)
+        _choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
+        _choice("train.quant.quant_type", self.train.quant.quant_type, ("nf4", "fp4"))
+        parse_interval(self.train.checkpoint_every, "train.checkpoint_every")
+        if self.train.eval_every is not None:
+            parse_interval(self.train.eval_every, "train.eval_every")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be within [0, 1), got {self.data.val_fraction}")
+        if self.data.packing and self.train.method in ("prefix", "prompt", "ptuning"):
+            raise ConfigError(
+                f"data.packing: method {self.train.method} prepends virtual tokens to each sequence, so packed "
+                "examples would not all see them; set packing: false (group_by_length: true also cuts padding)"
+            )
         parse_duration(self.train.budget, "train.budget")
         for name, value, low in [
             ("data.max_seq_len", self.data.max_seq_len, 8),
             ("train.micro_batch", self.train.micro_batch, 1),
             ("train.grad_accum", self.train.grad_accum, 1),
-            ("train.checkpoint_every", self.train.checkpoint_every, 1),
             ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
             ("train.lora.r", self.train.lora.r, 1),
+            ("train.prompt.num_virtual_tokens", self.train.prompt.num_virtual_tokens, 1),
+            ("train.adapter.adapter_len", self.train.adapter.adapter_len, 1),
+            ("train.freeze.top_k", self.train.freeze.top_k, 1),
             ("eval.batch_size", self.eval.batch_size, 1),
         ]:
             if value < low:
@@ -118,6 +188,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_interval(value: int | str, field_name: str) -> tuple[str, float]:
+    """An interval in optimizer steps (50, "50") or wall-clock time ("10m") -> ("steps", 50) / ("seconds", 600)."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        steps = int(value)
+        if steps < 1:
+            raise ConfigError(f"{field_name}: must be at least 1 step, got {value!r}")
+        return "steps", float(steps)
+    return "seconds", parse_duration(value, field_name)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -217,7 +297,13 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-_PATH_FIELDS = [("data", "train"), ("eval", "heldout"), ("eval", "multiple_choice"), ("eval", "data_root")]
+_PATH_FIELDS = [
+    ("data", "train"),
+    ("data", "val"),
+    ("eval", "heldout"),
+    ("eval", "multiple_choice"),
+    ("eval", "data_root"),
+]
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -18,25 +18,36 @@ from daytune.data.tokenize import IGNORE_INDEX
 
 CHUNK = 1024  # positions per output-layer chunk
 
-_checked: dict[type, bool] = {}
+_checked: dict[tuple, bool] = {}
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def output_layer(model):
+    """The output projection, also through a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
+def final_hidden(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final (normalized) hidden states, shape (batch, seq, hidden), through the model's own forward (so PEFT
     wrappers apply) with only the last position's logits computed."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        **({"position_ids": position_ids} if position_ids is not None else {}),
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
     )
     h = out.hidden_states[-1][:, -input_ids.shape[1] :]  # prompt-tuning methods prepend virtual tokens
-    key = type(model)
+    key = (type(model), str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")))
     if key not in _checked:  # one-time check that hidden_states[-1] really feeds the output layer
         with torch.no_grad():
             ref = out.logits[:, -1].float()
-            got = model.get_output_embeddings()(h[:, -1]).float()
+            got = output_layer(model)(h[:, -1]).float()
             _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
         if not _checked[key]:
             raise RuntimeError(
@@ -55,13 +66,13 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
     Chunks of the output layer are recomputed in backward (activation checkpointing) when there is more than one,
     so peak memory holds one chunk of logits, not all of them."""
-    h = final_hidden(model, batch["input_ids"], batch.get("attention_mask"))
+    h = final_hidden(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     labels = batch["labels"][:, 1:]
     selected = labels != IGNORE_INDEX
     hs = h[:, :-1][selected]
     targets = labels[selected]
     n = int(targets.numel())
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     if getattr(head, "bias", None) is not None:
         logits = head(hs).float()
         return F.cross_entropy(logits, targets, reduction="sum"), n
@@ -83,7 +94,7 @@ def token_logprobs(model, ids: list[int], top_k: int = 0) -> list[tuple[float, d
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     h = final_hidden(model, x)[0, :-1]
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     targets = x[0, 1:]
     out: list[tuple[float, dict[int, float]]] = []
     for i in range(0, h.shape[0], CHUNK):
@@ -180,6 +191,222 @@ def generate(
     return out
 
 
+# -- Batched decoding for the server ---------------------------------------------------------------------------
+#
+# A running batch holds several sequences of different lengths in one left-padded KV cache. Each row keeps its own
+# attention mask (0 over its padding) and its own next position id, so a row computes exactly what it would compute
+# alone: padding never enters attention and RoPE sees the row's true positions. Rows join (`merge_batches`) and
+# leave (`select_rows`) between steps, which is what lets a server batch requests that arrive at different times.
+
+
+@dataclass
+class DecodeBatch:
+    """Shared decoding state of the running sequences."""
+
+    cache: object  # transformers DynamicCache, (rows, heads, columns, head_dim) per layer
+    mask: torch.Tensor  # (rows, columns) long: 1 over real tokens, 0 over left padding
+    positions: torch.Tensor  # (rows,) long: position id of each row's next token
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+
+@dataclass
+class Prefilled:
+    """What a batched prefill returns: the batch, next-token logits (rows, vocab) and, for rows that asked for
+    them, the prompt's own log-probabilities (positions 1..n-1)."""
+
+    batch: DecodeBatch
+    logits: torch.Tensor
+    prompt_logprobs: list[list[tuple[float, dict[int, float]]] | None]
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; use whichever this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward(model, ids, mask, positions, cache, hidden: bool):
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=hidden,
+        **{_cache_kwarg(model): cache},
+    )
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+@torch.no_grad()
+def prefill(
+    model, prompts: list[list[int]], *, score_prompt: list[int | None] | None = None, pad_id: int = 0
+) -> Prefilled:
+    """Run the prompts as one left-padded batch and return the cache for decoding.
+
+    `score_prompt[i]` is None (no prompt scoring) or the number of top alternatives wanted per prompt token: the
+    prompt's log-probabilities come from the same forward pass, at the cost of keeping its hidden states."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prefill needs at least one non-empty prompt per row")
+    device = next(model.parameters()).device
+    score_prompt = score_prompt or [None] * len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    want_hidden = any(k is not None for k in score_prompt)
+    out = _forward(model, ids, mask, positions, None, want_hidden)
+    logits = out.logits[:, -1].float()
+    scored: list[list[tuple[float, dict[int, float]]] | None] = [None] * len(prompts)
+    if want_hidden:
+        h = out.hidden_states[-1]
+        _check_head(model, out, h)
+        head = model.get_output_embeddings()
+        for i, p in enumerate(prompts):
+            if score_prompt[i] is None:
+                continue
+            start = width - len(p)
+            scored[i] = _score_positions(head, h[i, start : width - 1], ids[i, start + 1 :], score_prompt[i])
+    batch = DecodeBatch(_cache_of(out), mask, mask.sum(-1))
+    return Prefilled(batch, logits, scored)
+
+
+def _check_head(model, out, h) -> None:
+    """One-time check (per model class) that the last hidden states feed the output layer directly."""
+    key = type(model)
+    if key not in _checked:
+        ref = out.logits[:, -1].float()
+        got = model.get_output_embeddings()(h[:, -1]).float()
+        _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    if not _checked[key]:
+        raise RuntimeError(
+            f"{type(model).__name__}: final hidden states do not feed the output layer directly"
+        )
+
+
+def _score_positions(head, h: torch.Tensor, targets: torch.Tensor, top_k: int):
+    out: list[tuple[float, dict[int, float]]] = []
+    for i in range(0, h.shape[0], CHUNK):
+        lp = torch.log_softmax(head(h[i : i + CHUNK]).float(), dim=-1)
+        chosen = lp.gather(1, targets[i : i + CHUNK, None])[:, 0].tolist()
+        if top_k > 0:
+            vals, idx = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+            tops = [dict(zip(r_i, r_v)) for r_i, r_v in zip(idx.tolist(), vals.tolist())]
+        else:
+            tops = [{} for _ in chosen]
+        out.extend(zip(chosen, tops))
+    return out
+
+
+@torch.no_grad()
+def decode_step(model, batch: DecodeBatch, tokens: list[int]) -> torch.Tensor:
+    """Feed one token per row; return next-token logits (rows, vocab) in fp32. Updates `batch` in place."""
+    device = batch.mask.device
+    x = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+    batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+    out = _forward(model, x, batch.mask, batch.positions[:, None], batch.cache, False)
+    batch.cache = _cache_of(out)
+    batch.positions = batch.positions + 1
+    return out.logits[:, -1].float()
+
+
+def _layers(cache) -> list:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(type(layer) is DynamicLayer for layer in layers):
+        raise NotImplementedError(
+            f"{type(cache).__name__}: only plain (full-attention) dynamic caches can be merged across requests"
+        )
+    return layers
+
+
+def can_merge(batch: DecodeBatch) -> bool:
+    """Whether rows can join this batch's cache (sliding-window and other special caches cannot)."""
+    try:
+        _layers(batch.cache)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def merge_batches(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
+    """Rows of `a` then rows of `b` in one batch, the shorter cache left-padded (and masked) to the longer."""
+    la, lb = _layers(a.cache), _layers(b.cache)
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for x, y in zip(la, lb):
+        x.keys = torch.cat([_left_pad(x.keys, width, -2), _left_pad(y.keys, width, -2)], dim=0)
+        x.values = torch.cat([_left_pad(x.values, width, -2), _left_pad(y.values, width, -2)], dim=0)
+    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)], dim=0)
+    return DecodeBatch(a.cache, mask, torch.cat([a.positions, b.positions]))
+
+
+def select_rows(batch: DecodeBatch, keep: list[int]) -> DecodeBatch:
+    """Keep only the rows `keep` (in that order), and drop leading columns that are padding in every kept row."""
+    idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+    mask = batch.mask[idx]
+    real = mask.any(0).nonzero()
+    first = int(real[0]) if len(real) else 0
+    for layer in getattr(batch.cache, "layers", []):
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[idx, :, first:]
+            layer.values = layer.values[idx, :, first:]
+    return DecodeBatch(batch.cache, mask[:, first:], batch.positions[idx])
+
+
+@dataclass
+class Sampling:
+    """How one row picks its next token. Greedy below GREEDY_BELOW; `generator` makes a seeded row reproducible."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: torch.Generator | None = None
+
+
+def choose_tokens(
+    logits: torch.Tensor, sampling: list[Sampling], top_k_per_token: list[int]
+) -> list[tuple[int, float, dict[int, float]]]:
+    """Next token per row, with its log-probability under the model's own distribution (temperature 1, before
+    top-k/top-p) and the row's requested number of top alternatives."""
+    lp = torch.log_softmax(logits, dim=-1)
+    greedy = logits.argmax(-1).tolist()
+    k_max = max(top_k_per_token, default=0)
+    if k_max > 0:
+        top_vals, top_idx = lp.topk(min(k_max, lp.shape[-1]), dim=-1)
+        top_vals, top_idx = top_vals.tolist(), top_idx.tolist()
+    out = []
+    for i, s in enumerate(sampling):
+        if s.temperature < GREEDY_BELOW:
+            tok = greedy[i]
+        else:
+            gen = s.generator or torch.Generator().manual_seed(random.randrange(2**31))
+            tok = _sample(logits[i], s.temperature, s.top_p, s.top_k, gen)
+        k = top_k_per_token[i]
+        tops = dict(zip(top_idx[i][:k], top_vals[i][:k])) if k > 0 else {}
+        out.append((tok, float(lp[i, tok]), tops))
+    return out
+
+
 # -- evaluation: shared-prefix reuse through the KV cache ---------------------------------------------------------
 # Few-shot evaluation sends many requests that start with the same long prefix (instructions + 5 worked examples).
 # The prefix is run once per group with the KV cache kept; each batch of requests then runs only its own suffix.
@@ -229,8 +456,8 @@ def prefix_groups(
 
 def _prefix_cache(model, prefix: list[int] | tuple[int, ...]):
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    ids = torch.tensor([list(prefix)], device=device)
+    return _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
 
 
 def _expand(cache, batch: int):
@@ -243,29 +470,19 @@ def _expand(cache, batch: int):
     return c
 
 
-def _suffix_hidden(model, x: torch.Tensor, mask: torch.Tensor, cache, position_ids=None) -> torch.Tensor:
+def _suffix_hidden(model, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
     """Final hidden states of `x` (batch, width) run after a cached prefix (or none), through the model's own
     forward; `mask` covers prefix + x."""
     out = model(
         input_ids=x,
         attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
         use_cache=cache is not None,
         output_hidden_states=True,
         logits_to_keep=1,
+        **({_cache_kwarg(model): cache} if cache is not None else {}),
     )
     h = out.hidden_states[-1][:, -x.shape[1] :]
-    key = type(model)
-    if key not in _checked:
-        with torch.no_grad():
-            ref = out.logits[:, -1].float()
-            got = model.get_output_embeddings()(h[:, -1]).float()
-            _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-    if not _checked[key]:
-        raise RuntimeError(
-            f"{type(model).__name__}: final hidden states do not feed the output layer directly"
-        )
+    _check_head(model, out, h)
     return h
 
 
@@ -283,7 +500,7 @@ def loglikelihood_detailed(
     continuations, like multiple-choice letters, share one). Sequences that share a long token prefix (few-shot
     examples) reuse its KV cache; every batch is length-sorted so that padding stays small."""
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
+    head = output_layer(model)
     results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     sequences: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
     for r, (ctx, cont) in enumerate(requests):
@@ -376,15 +593,8 @@ def greedy_generate_batch(
         done = [False] * len(batch)
         pos = positions[:, prefix_len:]
         for step in range(max_new_tokens):
-            res = model(
-                input_ids=x,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=past,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            past = res.past_key_values
+            res = _forward(model, x, mask, pos, past, hidden=False)
+            past = _cache_of(res)
             lp = torch.log_softmax(res.logits[:, -1].float(), dim=-1)
             toks = lp.argmax(-1).tolist()
             if on_first_step is not None and step == 0:

@@ -19,9 +19,7 @@ def start_or_resume(
 ) -> tuple[RunConfig, RunDir, Path | None]:
     """A new run folder, or (with --resume) the existing one and its newest checkpoint."""
     if resume is None:
-        run = RunDir.create(cfg.out_dir, cfg.name)
-        run.write_start(dump_yaml(cfg), argv)
-        return cfg, run, None
+        return cfg, _new_run(cfg, argv), None
     if resume == "auto":
         if cfg is None:
             raise RunError("--resume auto needs the recipe, to know which runs to look at")
@@ -32,6 +30,29 @@ def start_or_resume(
     run.note_resume(argv)
     saved.out_dir = str(run.path.parent)
     return saved, run, find_resume_checkpoint(run)
+
+
+def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
+    """Create the run folder; under a multi-process launch, the main process creates it and tells the others."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        run = RunDir.create(cfg.out_dir, cfg.name)
+        run.write_start(dump_yaml(cfg), argv)
+        return run
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from daytune.train.precision import pick_device
+
+    state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")  # the same state train() will use
+    holder = [None]
+    if state.is_main_process:
+        run = RunDir.create(cfg.out_dir, cfg.name)
+        run.write_start(dump_yaml(cfg), argv)
+        holder = [str(run.path)]
+    broadcast_object_list(holder, from_process=0)
+    return RunDir(holder[0])
 
 
 def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
@@ -50,35 +71,47 @@ def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
     raise RunError(f"--resume auto: no unfinished run named '{name}' with a checkpoint under {out_dir}")
 
 
-def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
-    """Load the saved adapter back from disk (proving it loads) and evaluate with and without it."""
+def evaluate_pair(
+    cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter, suite_dir: Path | None = None
+) -> dict:
+    """Evaluate the base model (unless eval.base is false) and, given a trained adapter or model folder, the tuned
+    one, loaded back from disk (which also proves it loads). With `suite_dir`, the recipe's evaluation suite
+    (eval.suite) runs too and writes its results under `suite_dir/<suite>/{base,tuned}/`."""
     import torch
 
     from daytune.eval import evaluate
     from daytune.models import load_model, load_tokenizer, resolve_model
-    from daytune.train.lora import load_adapter
+    from daytune.train.methods import load_trained
 
-    path = resolve_model(cfg.model, log=reporter.log)
+    path = resolve_model(model_ref, log=reporter.log)
     tokenizer = load_tokenizer(path)
-    model = load_adapter(load_model(path), run.adapter)
     results = {}
     with torch.no_grad():
-        if cfg.eval.base:
+        if trained is None or cfg.eval.base:
             reporter.log("Evaluating the base model...")
-            with model.disable_adapter():
-                results["base"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-                if cfg.eval.suite:
-                    results["base"]["suite"] = _suite(cfg, run, model, tokenizer, "base", reporter)
-        reporter.log("Evaluating the tuned model...")
-        results["tuned"] = evaluate(model, tokenizer, cfg.eval, cfg.data)
-        if cfg.eval.suite:
-            results["tuned"]["suite"] = _suite(cfg, run, model, tokenizer, "tuned", reporter)
+            base = load_model(path)
+            results["base"] = evaluate(base, tokenizer, cfg.eval, cfg.data)
+            if cfg.eval.suite and suite_dir is not None:
+                results["base"]["suite"] = _suite(cfg, base, tokenizer, "base", suite_dir, reporter)
+            del base
+            gc.collect()
+        if trained is not None:
+            reporter.log("Evaluating the tuned model...")
+            tuned = load_trained(path, trained)
+            results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
+            if cfg.eval.suite and suite_dir is not None:
+                results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)
+    return results
+
+
+def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
+    results = evaluate_pair(cfg, cfg.model, run.trained, reporter, suite_dir=run.path / "eval")
     run.update_summary(eval=results)
     return results
 
 
-def _suite(cfg: RunConfig, run: RunDir, model, tokenizer, label: str, reporter: Reporter) -> dict:
-    """Run the recipe's evaluation suite; full results go to <run>/eval/<suite>/<label>/, the summary keeps each
+def _suite(cfg: RunConfig, model, tokenizer, label: str, suite_dir: Path, reporter: Reporter) -> dict:
+    """Run the recipe's evaluation suite; full results go to <suite_dir>/<suite>/<label>/, the summary keeps each
     scenario's metrics with their 95% CIs."""
     from daytune.eval.lm import LocalLM
     from daytune.eval.report import write_results
@@ -89,7 +122,7 @@ def _suite(cfg: RunConfig, run: RunDir, model, tokenizer, label: str, reporter: 
         lm, cfg.eval.suite, cfg.eval.data_root, cfg.eval.scenarios, cfg.eval.max_instances, log=reporter.log
     )
     res["title"] = label
-    write_results(res, run.path / "eval" / cfg.eval.suite / label)
+    write_results(res, suite_dir / cfg.eval.suite / label)
     return {
         "name": cfg.eval.suite,
         "seconds": res["seconds"],
@@ -142,9 +175,8 @@ def run_recipe(
     if cfg is not None and cfg.eval.suite:
         from daytune.eval.suites import suite_plan
 
-        suite_plan(
-            cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances
-        )  # a bad name fails before training
+        # a bad suite or scenario name fails before training
+        suite_plan(cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
     train(cfg, run, reporter, resume=checkpoint)

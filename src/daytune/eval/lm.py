@@ -161,7 +161,7 @@ class LM:
 
 
 class LocalLM(LM):
-    """A model in this process. `model` may be a PEFT model; `with lm.model.disable_adapter():` scores the base."""
+    """A model in this process (a PEFT model too)."""
 
     def __init__(
         self, model, tokenizer, name: str = "local", batch_size: int = 8, max_length: int | None = None
@@ -183,17 +183,22 @@ class LocalLM(LM):
 
     @classmethod
     def load(
-        cls, model_ref: str, adapter: str | None = None, batch_size: int = 8, device: str = "cpu", log=print
-    ):
+        cls, model_ref: str, trained: str | None = None, batch_size: int = 8, device: str = "cpu", log=print
+    ) -> LocalLM:
+        """A model reference, optionally with a run's trained artifact (a PEFT adapter or a full model folder)."""
+        from pathlib import Path
+
         from daytune.models import load_model, load_tokenizer, resolve_model
-        from daytune.train.lora import load_adapter
 
         path = resolve_model(model_ref, log=log)
         tokenizer = load_tokenizer(path)
-        model = load_model(path)
-        if adapter:
-            model = load_adapter(model, adapter)
-        name = str(model_ref) + (f" + {adapter}" if adapter else "")
+        if trained:
+            from daytune.train.methods import load_trained
+
+            model = load_trained(path, Path(trained))
+        else:
+            model = load_model(path)
+        name = str(model_ref) + (f" + {trained}" if trained else "")
         return cls(model.to(device).eval(), tokenizer, name=name, batch_size=batch_size)
 
     @property

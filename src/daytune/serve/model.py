@@ -1,21 +1,37 @@
-"""The model behind the server: load (merging any adapter), then answer /process, /tokenize and /decode.
+"""The model behind the server: load (merging any adapter), turn a /process request into sequences for the
+scheduler, and turn finished sequences into HELM's response fields.
 
 Log-probabilities: every token's `logprob` is log P(token | all tokens before it) under the model's own
-distribution (temperature 1, before top-k/top-p). With `echo_prompt`, the first prompt token has no context and
-gets logprob 0.0 unless the tokenizer itself prepends a BOS token, which then serves as its context (and is not
-returned as a token); HELM's language-modeling metrics skip that first token anyway.
+distribution (temperature 1, before top-k/top-p), whatever the sampling settings.
+
+The first echoed prompt token: it has no context, so nothing predicts it; it reports logprob 0.0 and an empty
+`top_logprob`, exactly what HELM's clients record when a provider returns no log-probability for it
+(`Token(text=text, logprob=logprob or 0, top_logprobs=dict(top_logprobs or {}))` in HELM's openai_client.py).
+HELM never scores it: its language-modeling adapter prepends a conditioning token (`prefix_token`, which is
+"<|endoftext|>" for the HTTP model window service) and its metrics drop the first `num_conditioning_tokens`
+tokens (`compute_language_modeling_metrics` in benchmark/metrics/basic_metrics.py). Every later prompt token gets
+its real log-probability, so the token after HELM's prefix is scored given the prefix. When the tokenizer itself
+prepends a BOS token that is not in the prompt text, that token is the first token's context (and is not echoed).
+
+Stop sequences are cut on the server: `text` ends right before the earliest stop sequence; `tokens` are the
+tokens that start before the cut, the last one's text trimmed at the cut (its logprob is the whole token's), so
+"".join(token texts) == text always holds.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-from daytune.engine import generate, token_logprobs
+from daytune.engine import Sampling
 from daytune.errors import DaytuneError
 from daytune.models import load_model, load_tokenizer, resolve_model
+from daytune.serve.scheduler import Sequence, seeded
 from daytune.serve.schemas import Completion, ProcessRequest, Token
-from daytune.train.lora import load_adapter
+from daytune.train.methods import load_trained
+
+STREAM_CONTEXT = (
+    4  # prompt tokens decoded before the first generated one (SentencePiece drops a leading space)
+)
 
 
 class RequestError(DaytuneError):
@@ -26,23 +42,79 @@ class RequestError(DaytuneError):
         self.field = field
 
 
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Per-token text such that the pieces join to the decoded string (multi-byte characters split over several
-    tokens land on the token that completes them)."""
-    texts, prev = [], ""
-    for i in range(len(ids)):
-        cur = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
-        if cur.endswith("\ufffd") and i + 1 < len(ids):
-            texts.append("")
-            continue
-        texts.append(cur[len(prev) :] if cur.startswith(prev) else tokenizer.decode([ids[i]]))
-        prev = cur
+class TextStream:
+    """Incremental detokenizer: each pushed token gets the text it adds, so the pieces join to the decoded string.
+    Bytes of one character split over several tokens land on the token that completes it (the others get "")."""
+
+    def __init__(self, tokenizer, context: list[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(context)
+        self.prefix = 0  # decode from here, so that the tokenizer sees the left context
+        self.read = len(self.ids)  # tokens before this already have their text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if now.endswith("\ufffd") or not now.startswith(before):
+            return ""  # an incomplete character: wait for the tokens that complete it
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """Text still pending at the end (an incomplete character decodes to U+FFFD)."""
+        if self.read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :] if now.startswith(before) else now
+
+
+def token_texts(tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
+    """Per-token text such that the pieces join to the decoded string."""
+    stream = TextStream(tokenizer, context)
+    texts = [stream.push(t) for t in ids]
+    if texts:
+        texts[-1] += stream.flush()
     return texts
 
 
 def cut_at_stop(text: str, stops: list[str]) -> int | None:
     cuts = [text.find(s) for s in stops if s and s in text]
     return min(cuts) if cuts else None
+
+
+class StopWatcher:
+    """Follows one sequence's text as tokens arrive and tells the scheduler when a stop sequence has appeared."""
+
+    def __init__(self, tokenizer, lock, context: list[int], stops: list[str]):
+        self.lock = lock
+        self.stream = TextStream(tokenizer, context)
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.texts: list[str] = []
+        self.text = ""
+
+    def __call__(self, tok: int) -> bool:
+        with self.lock:
+            piece = self.stream.push(tok)
+        self.texts.append(piece)
+        self.text += piece
+        if not self.stops or not piece:
+            return False
+        tail = self.text[max(0, len(self.text) - len(piece) - self.longest + 1) :]
+        return any(s in tail for s in self.stops)
+
+    def finish(self) -> list[str]:
+        with self.lock:
+            rest = self.stream.flush()
+        if rest and self.texts:
+            self.texts[-1] += rest
+        return self.texts
 
 
 class ServeModel:
@@ -54,6 +126,8 @@ class ServeModel:
         run_id: str | None = None,
         log=print,
     ):
+        import threading
+
         from daytune.train.precision import pick_device
 
         self.model_ref = model_ref
@@ -62,22 +136,24 @@ class ServeModel:
         path = resolve_model(model_ref, log=log)
         self.device = pick_device(device or "auto")
         self.tokenizer = load_tokenizer(path)
-        model = load_model(path)
-        if self.adapter:
-            model = load_adapter(model, self.adapter, merge=True)  # merged: no adapter cost per token
+        # an adapter is merged into the weights where its method allows: no adapter cost per token
+        model = load_trained(path, Path(self.adapter), merge=True) if self.adapter else load_model(path)
         self.model = model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
-        self.eos_ids = eos_ids
-        self.lock = threading.Lock()
+        self.eos_ids = frozenset(eos_ids)
+        self.vocab = len(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.tok_lock = threading.Lock()  # HF fast tokenizers must not be used from two threads at once
 
     def info(self) -> dict:
         return {
             "model": self.model_ref,
             "adapter": self.adapter,
+            "adapter_merged": bool(self.adapter),
             "run_id": self.run_id,
             "device": str(self.device),
             "max_context": self.max_context,
@@ -85,29 +161,27 @@ class ServeModel:
 
     # -- /tokenize, /decode ---------------------------------------------------------------------------------
     def tokenize(self, text: str, truncation: bool, max_length: int) -> list[int]:
-        return self.tokenizer(text, truncation=truncation, max_length=max_length)["input_ids"]
+        with self.tok_lock:
+            return self.tokenizer(text, truncation=truncation, max_length=max_length)["input_ids"]
 
     def decode(self, tokens: list[int]) -> str:
-        vocab = len(self.tokenizer)
-        bad = [t for t in tokens if not 0 <= t < vocab]
+        bad = [t for t in tokens if not 0 <= t < self.vocab]
         if bad:
-            raise RequestError("tokens", f"ids must be within 0..{vocab - 1}; got {bad[:5]}")
-        return self.tokenizer.decode(tokens)
+            raise RequestError("tokens", f"ids must be within 0..{self.vocab - 1}; got {bad[:5]}")
+        with self.tok_lock:
+            return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
 
     # -- /process -------------------------------------------------------------------------------------------
-    def _tops(self, top: dict[int, float]) -> dict[str, float]:
-        """{token text: logprob}. Byte pieces of one character all decode to U+FFFD and different ids can decode
-        alike; those keep their vocabulary spelling, so the map has one entry per alternative."""
-        out: dict[str, float] = {}
-        for tid, lp in top.items():
-            key = self.tokenizer.decode([tid])
-            if key in out or "\ufffd" in key:
-                key = self.tokenizer.convert_ids_to_tokens(tid)
-            out[key] = lp
-        return out
-
-    def process(self, req: ProcessRequest) -> list[Completion]:
-        ids = self.tokenizer(req.prompt)["input_ids"]
+    def sequences(
+        self, req: ProcessRequest, max_new_tokens_cap: int, deadline: float
+    ) -> tuple[list[Sequence], dict]:
+        """The request's sequences for the scheduler (one per return sequence) and what `complete` needs."""
+        if "max_new_tokens" not in req.model_fields_set:  # the default never exceeds this server's cap
+            req.max_new_tokens = min(req.max_new_tokens, max_new_tokens_cap)
+        if req.max_new_tokens > max_new_tokens_cap:
+            raise RequestError("max_new_tokens", f"must be at most {max_new_tokens_cap} on this server")
+        with self.tok_lock:
+            ids = self.tokenizer(req.prompt)["input_ids"]
         if not ids and req.max_new_tokens > 0:
             raise RequestError("prompt", "is empty; generation needs at least one prompt token")
         if len(ids) + req.max_new_tokens > self.max_context:
@@ -116,83 +190,88 @@ class ServeModel:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds the model's context "
                 f"of {self.max_context} tokens",
             )
+        if req.top_k and req.top_k > self.vocab:
+            raise RequestError("top_k", f"must be at most the vocabulary size ({self.vocab})")
         bos = self.tokenizer.bos_token_id
-        n_special = (
-            1
-            if ids
+        added_bos = bool(
+            ids
             and bos is not None
             and ids[0] == bos
             and not req.prompt.startswith(self.tokenizer.bos_token or "\0")
-            else 0
         )
-        with self.lock:
-            echo_tokens: list[Token] = []
-            if req.echo_prompt and ids:
-                scored = token_logprobs(self.model, ids, req.top_k_per_token)  # positions 1..n-1
-                texts = token_texts(self.tokenizer, ids[n_special:])
-                if n_special:
-                    pairs = scored
-                else:
-                    pairs = [(0.0, {})] + scored
-                for text, (lp, top) in zip(texts, pairs):
-                    echo_tokens.append(Token(text=text, logprob=lp, top_logprob=self._tops(top)))
-            completions = []
-            for i in range(req.num_return_sequences):
-                completions.append(self._one(req, ids, echo_tokens, i))
-        return completions
+        shown = ids[1:] if added_bos else ids
+        seqs = []
+        for i in range(req.num_return_sequences):
+            seed = None if req.seed is None else req.seed + i
+            seqs.append(
+                Sequence(
+                    prompt_ids=ids,
+                    max_new_tokens=req.max_new_tokens,
+                    sampling=Sampling(req.temperature, req.top_p, req.top_k, seeded(seed)),
+                    top_k_per_token=req.top_k_per_token,
+                    score_prompt=req.top_k_per_token
+                    if (req.echo_prompt and i == 0 and len(ids) > 1)
+                    else None,
+                    eos_ids=self.eos_ids,
+                    on_token=StopWatcher(
+                        self.tokenizer, self.tok_lock, shown[-STREAM_CONTEXT:], req.stop_sequences
+                    ),
+                    deadline=deadline,
+                )
+            )
+        return seqs, {"ids": ids, "added_bos": added_bos}
 
-    def _one(self, req: ProcessRequest, ids: list[int], echo_tokens: list[Token], index: int) -> Completion:
-        stops = [s for s in req.stop_sequences if s]
+    def _tops(self, top: dict[int, float]) -> dict[str, float]:
+        """{token text: logprob}. Byte pieces of one character all decode to U+FFFD and different ids can decode
+        alike; those keep their vocabulary spelling, so the map has one entry per alternative."""
+        out: dict[str, float] = {}
+        for tid, lp in top.items():
+            key = self.tokenizer.decode([tid], clean_up_tokenization_spaces=False)
+            if key in out or "\ufffd" in key:
+                key = self.tokenizer.convert_ids_to_tokens(tid)
+            out[key] = lp
+        return out
 
-        def stop_check(gen_ids: list[int]) -> bool:
-            return (
-                bool(stops)
-                and cut_at_stop(self.tokenizer.decode(gen_ids, skip_special_tokens=True), stops) is not None
-            )
+    def _echo(self, req: ProcessRequest, seq: Sequence, ids: list[int], added_bos: bool) -> list[Token]:
+        if not req.echo_prompt or not ids:
+            return []
+        shown = ids[1:] if added_bos else ids
+        with self.tok_lock:
+            texts = token_texts(self.tokenizer, shown)
+            scored = seq.prompt_logprobs or []  # log P(ids[i] | ids[:i]) for i >= 1
+            pairs = scored if added_bos else [(0.0, {})] + scored
+            return [
+                Token(text=t, logprob=lp, top_logprob=self._tops(top)) for t, (lp, top) in zip(texts, pairs)
+            ]
 
-        seed = None if req.seed is None else req.seed + index
-        if req.max_new_tokens > 0:
-            gen = generate(
-                self.model,
-                ids,
-                max_new_tokens=req.max_new_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k,
-                seed=seed,
-                eos_ids=self.eos_ids,
-                top_k_per_token=req.top_k_per_token,
-                stop_check=stop_check,
+    def complete(self, req: ProcessRequest, seqs: list[Sequence], ctx: dict) -> list[Completion]:
+        echo = self._echo(req, seqs[0], ctx["ids"], ctx["added_bos"])
+        prefix = "".join(t.text for t in echo)
+        out = []
+        for seq in seqs:
+            texts = seq.on_token.finish()
+            text = "".join(texts)
+            cut = cut_at_stop(text, seq.on_token.stops)
+            finish = seq.finish_reason
+            tokens, used = [], 0
+            with self.tok_lock:
+                for j, t in enumerate(texts):
+                    if cut is not None:
+                        if used >= cut:
+                            break  # this token starts at or after the stop sequence
+                        t = t[: cut - used]  # the token that crosses the cut keeps its part before it
+                    used += len(t)
+                    tops = self._tops(seq.top_logprobs[j]) if seq.top_logprobs else {}
+                    tokens.append(Token(text=t, logprob=seq.logprobs[j], top_logprob=tops))
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+            all_tokens = echo + tokens
+            out.append(
+                Completion(
+                    text=prefix + text,
+                    tokens=all_tokens,
+                    logprob=float(sum(t.logprob for t in all_tokens)),
+                    finish_reason=finish,
+                )
             )
-            gen_ids, gen_lps, gen_tops, finish = (
-                gen.token_ids,
-                gen.logprobs,
-                gen.top_logprobs,
-                gen.finish_reason,
-            )
-        else:
-            gen_ids, gen_lps, gen_tops, finish = [], [], [], "length"
-        texts = token_texts(self.tokenizer, gen_ids)
-        text = "".join(texts)
-        cut = cut_at_stop(text, stops)
-        tokens = []
-        if cut is not None:
-            text = text[:cut]
-            finish = "stop"
-        used = 0
-        for j, t in enumerate(texts):
-            if used + len(t) > len(text):
-                break  # HELM's rule: a token that crosses the cut is dropped with the stop sequence
-            used += len(t)
-            tokens.append(
-                Token(text=t, logprob=gen_lps[j], top_logprob=self._tops(gen_tops[j]) if gen_tops else {})
-            )
-        text = "".join(t.text for t in tokens) if cut is not None else text
-        all_tokens = echo_tokens + tokens
-        prefix = "".join(t.text for t in echo_tokens)
-        return Completion(
-            text=prefix + text,
-            tokens=all_tokens,
-            logprob=float(sum(t.logprob for t in all_tokens)),
-            finish_reason=finish,
-        )
+        return out

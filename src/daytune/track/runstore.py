@@ -97,6 +97,11 @@ class RunDir:
         return self.path / "adapter"
 
     @property
+    def trained(self) -> Path:
+        """The run's final model: adapter/ (PEFT methods) or model/ (full fine-tuning, freeze)."""
+        return self.path / "model" if (self.path / "model" / "config.json").is_file() else self.adapter
+
+    @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
 

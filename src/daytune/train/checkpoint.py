@@ -1,7 +1,9 @@
 """Checkpoints that survive a crash: written under a temporary name and renamed into place when complete.
 
-A checkpoint folder holds `adapter/` (PEFT format), `optimizer.pt` (loaded with weights_only=True: plain tensors
-and numbers, never arbitrary pickles), `rng.safetensors` and `state.json` (step, elapsed time, RNG of `random`).
+A checkpoint folder holds `weights.safetensors` (the parameters that train, by name, unsharded), `optimizer.pt`
+(or `optimizer-<rank>.pt` per process when FSDP/DeepSpeed shard the optimizer; loaded with weights_only=True:
+tensors and numbers, never arbitrary pickles), `rng-<rank>.safetensors` per process, and `state.json` (step,
+tokens, elapsed time, schedule, `random`'s state), written last.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from daytune.errors import RunError
 from daytune.fileio import replace_dir_atomic, write_json_atomic
+from daytune.train.methods import load_trainable_state, trainable_state
 
 PREFIX = "step-"
 
@@ -34,12 +37,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
     found = [
         p
         for p in folder.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+        if p.is_dir()
+        and p.name.startswith(PREFIX)
+        and p.name[len(PREFIX) :].isdigit()
+        and (p / "state.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -47,21 +53,44 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model, folder: Path) -> None:
-    """PEFT format: adapter_config.json + adapter_model.safetensors, loadable by plain PEFT."""
-    model.save_pretrained(folder, safe_serialization=True)
+def write_weights(
+    model, folder: Path, name: str = "weights.safetensors", weights: dict | None = None
+) -> None:
+    save_file(weights if weights is not None else trainable_state(model), str(folder / name))
 
 
-def save_checkpoint(model, optimizer, state: dict[str, Any], folder: Path, keep: int) -> tuple[Path, float]:
-    """Write checkpoint `step-N` atomically; keep the newest `keep`. Returns (path, seconds taken)."""
+def sharded_optimizer_dir(folder: Path, step: int) -> Path:
+    """Where every process of a sharded (FSDP/DeepSpeed) run drops its optimizer shard before the main process
+    assembles the checkpoint."""
+    return folder / f".{checkpoint_name(step)}.optimizer"
+
+
+def save_checkpoint(
+    model,
+    optimizer,
+    state: dict[str, Any],
+    folder: Path,
+    keep: int,
+    rng_by_rank: list[dict] | None = None,
+    weights: dict | None = None,
+) -> tuple[Path, float]:
+    """Write checkpoint `step-N` atomically; keep the newest `keep`. Returns (path, seconds taken).
+    `weights` are gathered full weights (sharded runs); their optimizer shards are already on disk."""
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(state["step"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
-        save_adapter(model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        write_weights(model, tmp, weights=weights)
+        shards = sharded_optimizer_dir(folder, state["step"])
+        if shards.is_dir():
+            for f in shards.iterdir():
+                f.replace(tmp / f.name)
+            shards.rmdir()
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for rank, tensors in enumerate(rng_by_rank or [rng_tensors()]):
+            save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
         py_state = random.getstate()
         full_state = dict(state, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
         write_json_atomic(tmp / "state.json", full_state)  # written last: its presence marks completeness
@@ -74,21 +103,23 @@ def save_checkpoint(model, optimizer, state: dict[str, Any], folder: Path, keep:
     return final, time.perf_counter() - t0
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
-    """Restore adapter weights, optimizer state and RNG states; return the saved training state."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore trainable weights, optimizer state and RNG states; return the saved training state."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        weights = load_peft_weights(str(path / "adapter"), device="cpu")
-        result = set_peft_model_state_dict(model, weights)
-        if getattr(result, "unexpected_keys", None):
+        load_trainable_state(model, load_file(str(path / "weights.safetensors")), str(path))
+        optim_file = (
+            path / f"optimizer-{rank}.pt"
+            if (path / f"optimizer-{rank}.pt").is_file()
+            else path / "optimizer.pt"
+        )
+        optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
+        rng_file = path / f"rng-{rank}.safetensors"
+        if not rng_file.is_file():
             raise RunError(
-                f"{path}: adapter does not match this model ({len(result.unexpected_keys)} unexpected keys)"
+                f"{path}: no RNG state for process {rank} (was the run started with another world size?)"
             )
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        rng = load_file(str(path / "rng.safetensors"))
+        rng = load_file(str(rng_file))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise RunError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
     torch.set_rng_state(rng["torch_cpu"])

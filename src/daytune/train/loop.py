@@ -1,70 +1,88 @@
 """The training loop, in one file: read it top to bottom.
 
-    setup (model + LoRA, data, optimizer) -> resume (optional) -> optimizer steps until max steps, epochs or the
-    budget run out, or a signal arrives -> final save (adapter + checkpoint) -> summary.
+    setup (model + method, data, optimizer) -> resume (optional) -> optimizer steps until max steps, epochs, the
+    budget or early stopping end it, or a signal arrives -> final save (model or adapter) -> summary.
 
-Loss is the sum of response-token cross-entropy over the whole optimizer step divided by the number of response
-tokens in it, so 4 micro-batches of 1 give the same update as 1 micro-batch of 4. The learning rate warms up over
-`warmup_steps`, then follows a cosine down to `lr * min_lr_ratio`, driven by whichever is further along: steps
-done out of the step limit, or training time used out of the budget. With a budget, the LR reaches its floor at
-the deadline, however fast the machine turns out to be.
+The loss of an optimizer step is the sum of response-token cross-entropy over all its micro-batches (on every
+process) divided by the number of response tokens in them, so 4 micro-batches of 1 give the same update as 1
+micro-batch of 4, and 2 processes the same as 1 process with twice the accumulation. The learning rate warms up
+over `warmup_steps`, then follows a cosine down to `lr * min_lr_ratio` over the number of steps the run will make:
+the step limit, or, with a budget, the steps predicted from measured step times to fit before the deadline,
+re-estimated every step, so the floor is reached at the deadline however fast the machine turns out to be.
+Everything runs unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import shutil
 import signal
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from daytune.budget import Budget, parse_duration
-from daytune.config import RunConfig
+from daytune.config import RunConfig, parse_interval
 from daytune.data import encode_records, read_instructions
-from daytune.data.batching import collate, micro_batch_indices, micro_batches_per_epoch
+from daytune.data.batching import BatchPlan, make_batch
 from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
-from daytune.fileio import replace_dir_atomic
-from daytune.models import load_model, load_tokenizer, resolve_model
+from daytune.models import load_tokenizer, resolve_model
 from daytune.progress import Reporter, budget_info
 from daytune.track import RunDir, peak_rss_mb
-from daytune.train.checkpoint import list_checkpoints, load_checkpoint, save_adapter, save_checkpoint
-from daytune.train.lora import add_lora
+from daytune.train import methods
+from daytune.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_tensors,
+    save_checkpoint,
+    sharded_optimizer_dir,
+    write_weights,
+)
+from daytune.train.memory import return_freed_memory
 from daytune.train.precision import autocast_kind, param_dtype, pick_device, resolve_precision
 
 
 @dataclass
 class TrainResult:
     run_dir: str
-    adapter_dir: str
+    output_dir: str  # adapter/ (PEFT methods) or model/ (full, freeze)
+    method: str
     steps: int
     max_steps: int
-    stopped_by: str  # max_steps | budget | signal
-    tokens: int  # non-padding tokens processed
+    stopped_by: str  # max_steps | budget | signal | early_stopping
+    tokens: int  # non-padding tokens processed, all processes
     trained_tokens: int  # response tokens that carried loss
-    tokens_per_s: float
+    tokens_per_s: float  # non-padding tokens per second of step time
+    padding_waste: float  # fraction of processed positions that were padding
     train_seconds: float  # time inside optimizer steps
     elapsed_seconds: float  # whole train stage, including loading and saving
     budget_seconds: float | None
     final_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
     precision: str
     device: str
+    processes: int
+    trainable_params: int
+    total_params: int
     examples: int
     truncated: int
     peak_rss_mb: float
 
 
-def lr_at(step: int, max_steps: int, time_fraction: float, lr: float, warmup: int, min_ratio: float) -> float:
+def lr_at(step: int, total_steps: int, lr: float, warmup: int, min_ratio: float) -> float:
+    """LR for the optimizer step with index `step` (0-based): linear warmup, then a cosine from `lr` that reaches
+    `lr * min_ratio` on the last step of `total_steps`."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    progress = min(1.0, max(progress, time_fraction))
+    progress = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup))
     floor = lr * min_ratio
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -92,12 +110,67 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _Interval:
+    """'every 50 steps' or 'every 10 minutes'."""
+
+    def __init__(self, spec, field: str, now: float):
+        self.kind, self.every = parse_interval(spec, field) if spec is not None else ("never", 0.0)
+        self.last = now
+
+    def due(self, step: int, now: float) -> bool:
+        if self.kind == "steps":
+            return step % int(self.every) == 0
+        if self.kind == "seconds" and now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+
+def load_examples(cfg: RunConfig, tokenizer):
+    """Training and validation examples; `val_fraction` splits validation off the training rows by seed."""
+    dc = cfg.data
+    if dc.train is None:
+        raise DataError(
+            "data.train: no training file given (a JSONL with instruction, optional input, output)"
+        )
+    records = read_instructions(dc.train, dc.max_rows)
+    val_records = read_instructions(dc.val, dc.val_rows) if dc.val else []
+    if not dc.val and dc.val_fraction > 0:
+        order = list(range(len(records)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_val = max(1, int(len(records) * dc.val_fraction))
+        val_records = [records[i] for i in order[:n_val]][: dc.val_rows]
+        records = [records[i] for i in sorted(order[n_val:])]
+    train, stats = encode_records(records, tokenizer, dc.template, dc.max_seq_len, dc.system_prompt)
+    val, _ = encode_records(val_records, tokenizer, dc.template, dc.max_seq_len, dc.system_prompt)
+    if not train:
+        raise DataError(f"{dc.train}: every example lost its response to truncation; raise data.max_seq_len")
+    return train, val, stats
+
+
+@torch.no_grad()
+def validation_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
+    from daytune.data.batching import collate
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    for i in range(0, len(ordered), batch_size):
+        batch = {k: v.to(device) for k, v in collate(ordered[i : i + batch_size], pad_id).items()}
+        loss, n = response_loss(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(1, count)
+
+
 def train(
     cfg: RunConfig, run: RunDir, reporter: Reporter | None = None, resume: Path | None = None
 ) -> TrainResult:
     reporter = reporter or Reporter(quiet=True)
     tc = cfg.train
     budget = Budget(parse_duration(tc.budget, "train.budget"))
+    return_freed_memory()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     random.seed(tc.seed)
@@ -105,178 +178,281 @@ def train(
 
     # ---- setup -------------------------------------------------------------------------------------------
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType, broadcast, gather_object
 
     device = pick_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=autocast_kind(precision))
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if not is_main:
+        reporter = Reporter(quiet=True, every=float("inf"))
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
-    if cfg.data.train is None:
-        raise DataError(
-            "data.train: no training file given (a JSONL with instruction, optional input, output)"
-        )
-    records = read_instructions(cfg.data.train, cfg.data.max_rows)
-    examples, stats = encode_records(
-        records, tokenizer, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
-    )
-    if not examples:
-        raise DataError(
-            f"{cfg.data.train}: every example lost its response to truncation; raise data.max_seq_len"
-        )
-    model = load_model(model_dir, dtype=param_dtype(precision))
-    model.config.use_cache = False
-    model = add_lora(model, tc.lora)
+    examples, val_examples, stats = load_examples(cfg, tokenizer)
+    model = methods.load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
+    model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    optimizer = methods.make_optimizer(params, tc, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    n_micro = micro_batches_per_epoch(len(examples), tc.micro_batch)
-    max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * n_micro / tc.grad_accum))
-    step, tokens_seen, trained_seen, train_seconds = 0, 0, 0, 0.0
+    plan = BatchPlan(
+        [len(e.input_ids) for e in examples],
+        tc.micro_batch,
+        tc.seed,
+        cfg.data.max_seq_len,
+        packing=cfg.data.packing,
+        group_by_length=cfg.data.group_by_length,
+    )
+    targets = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]  # loss positions per example
+    per_step = tc.grad_accum * world  # micro-batches per optimizer step, all processes
+    max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * plan.per_epoch() / per_step))
+    step, tokens_seen, trained_seen, padded_seen, train_seconds = 0, 0, 0, 0, 0.0
+    total_steps = max_steps  # the LR schedule's horizon; with a budget, re-estimated every step
+    best_val, best_step, val_loss, bad_evals = None, None, None, 0
     if resume is not None:
-        state = load_checkpoint(resume, unwrapped, optimizer)
-        step, tokens_seen = state["step"], state["tokens"]
-        trained_seen, train_seconds = state["trained_tokens"], state["train_seconds"]
+        state = load_checkpoint(resume, unwrapped, optimizer, rank)
+        step, tokens_seen, trained_seen = state["step"], state["tokens"], state["trained_tokens"]
+        padded_seen, train_seconds = state.get("padded", 0), state["train_seconds"]
+        total_steps = state.get("total_steps", max_steps)
+        best_val, best_step, bad_evals = (
+            state.get("best_val"),
+            state.get("best_step"),
+            state.get("bad_evals", 0),
+        )
         budget.spent_before = state["elapsed"]
-        run.truncate_metrics(step)
+        if is_main:
+            run.truncate_metrics(step)
         reporter.print(f"Resumed from {resume} at step {step}/{max_steps}.")
     reporter.log(
-        f"Training {cfg.model} with LoRA r={tc.lora.r} on {len(examples)} examples ({stats.truncated} truncated "
-        f"to {cfg.data.max_seq_len} tokens): {max_steps} steps, {precision} on {device}, "
-        f"budget {tc.budget or 'none'}."
+        f"Training {cfg.model} ({tc.method}, {n_trainable:,} of {n_total:,} parameters) on {len(examples)} examples "
+        f"({stats.truncated} truncated to {cfg.data.max_seq_len} tokens{', packed' if cfg.data.packing else ''}): "
+        f"{max_steps} steps, {precision} on {accelerator.device} x{world}, budget {tc.budget or 'none'}."
     )
-    with tempfile.TemporaryDirectory() as tmp:  # measure a real save: the budget keeps room for the final one
-        t0 = time.perf_counter()
-        save_adapter(unwrapped, Path(tmp))
-        budget.record_save(time.perf_counter() - t0)
+    if is_main:  # the budget keeps room for the final save: measure a real one
+        with tempfile.TemporaryDirectory(dir=run.path) as probe:
+            _, seconds = save_checkpoint(unwrapped, optimizer, {"step": 0}, Path(probe), keep=1)
+        budget.record_save(seconds)
 
     def state_now() -> dict:
         return {
             "step": step,
             "max_steps": max_steps,
+            "total_steps": total_steps,
             "tokens": tokens_seen,
             "trained_tokens": trained_seen,
+            "padded": padded_seen,
             "train_seconds": train_seconds,
             "elapsed": budget.elapsed(),
+            "best_val": best_val,
+            "best_step": best_step,
+            "bad_evals": bad_evals,
         }
 
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    trainable_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+
+    def full_weights() -> dict | None:
+        """Unsharded weights on the main process (every process takes part); None when nothing is sharded."""
+        return accelerator.get_state_dict(model) if sharded else None
+
+    def checkpoint() -> None:
+        rngs = gather_object([rng_tensors()]) if world > 1 else None
+        full = full_weights()
+        if sharded:  # each process writes its optimizer shard, then the main process assembles the checkpoint
+            shards = sharded_optimizer_dir(run.checkpoints, step)
+            shards.mkdir(parents=True, exist_ok=True)
+            torch.save(optimizer.state_dict(), shards / f"optimizer-{rank}.pt")
+            accelerator.wait_for_everyone()
+        if is_main:
+            weights = {k: v for k, v in full.items() if k in trainable_names} if full is not None else None
+            _, seconds = save_checkpoint(
+                unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints, rngs, weights
+            )
+            budget.record_save(seconds)
+        accelerator.wait_for_everyone()
+
+    def agree(*flags: bool) -> list[bool]:
+        """Decisions taken on the main process (clock, signals), shared with all processes."""
+        t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+        return [bool(x) for x in (broadcast(t, from_process=0) if world > 1 else t).tolist()]
+
     # ---- loop --------------------------------------------------------------------------------------------
-    stopped_by, last_loss = "max_steps", None
+    now = time.monotonic()
+    checkpoint_due = _Interval(tc.checkpoint_every, "train.checkpoint_every", now)
+    eval_due = _Interval(tc.eval_every if val_examples else None, "train.eval_every", now)
+    eval_seconds, stopped_by, last_loss = 0.0, "max_steps", None
     model.train()
     with _StopFlag() as stop, reporter.task("train", max_steps) as bar:
         bar.update(step, budget_info(budget.elapsed(), budget.seconds))
         while step < max_steps:
-            if stop.requested:
-                stopped_by = "signal"
+            signalled, out_of_time = agree(stop.requested, budget.should_stop())
+            if signalled or out_of_time:
+                stopped_by = "signal" if signalled else "budget"
                 break
-            if budget.should_stop():
-                stopped_by = "budget"
-                break
-            t0 = time.perf_counter()
-            batches = [
-                collate(
-                    [
-                        examples[i]
-                        for i in micro_batch_indices(
-                            len(examples), tc.micro_batch, tc.seed, step * tc.grad_accum + j
-                        )
-                    ],
-                    tokenizer.pad_token_id,
-                )
-                for j in range(tc.grad_accum)
-            ]
-            n_target = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            t_step = time.perf_counter()
+            first = step * per_step
+            micro = [plan.get(first + j) for j in range(per_step)]  # every process's micro-batches, in order
+            n_target = sum(targets[i] for mb in micro for row in mb for i in row)
+            mine = micro[rank::world]
             loss_sum = 0.0
-            for b in batches:
-                b = {k: v.to(accelerator.device) for k, v in b.items()}
-                with accelerator.autocast():
-                    loss, _ = response_loss(model, b)
-                accelerator.backward(loss / max(1, n_target))
+            for j, mb in enumerate(mine):
+                batch = make_batch(plan, examples, mb, tokenizer.pad_token_id)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "n_tokens"}
+                sync = accelerator.no_sync(model) if j < len(mine) - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    loss, _ = response_loss(model, batch)
+                    accelerator.backward(loss * world / max(1, n_target))  # DDP averages over processes
                 loss_sum += float(loss.detach())
             grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip else None
-            time_fraction = 0.0
-            if budget.seconds is not None:
-                time_fraction = budget.elapsed() / max(1e-9, budget.seconds - budget.save_reserve)
-            lr = lr_at(step, max_steps, time_fraction, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
+            left = budget.steps_left(eval_seconds)  # this step included
+            if left is not None:
+                total_steps = min(max_steps, step + left)
+            lr = lr_at(step, total_steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t_step
             budget.record_step(dt)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            tokens_seen += n_tokens
-            trained_seen += n_target
-            train_seconds += dt
-            last_loss = loss_sum / max(1, n_target)
-            run.log(
-                {
-                    "step": step,
-                    "loss": round(last_loss, 6),
-                    "lr": lr,
-                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-                    "tokens": n_tokens,
-                    "tokens_per_s": round(n_tokens / dt, 2),
-                    "step_seconds": round(dt, 4),
-                    "elapsed": round(budget.elapsed(), 3),
-                    "budget_left": None if budget.seconds is None else round(budget.remaining(), 3),
-                }
+            n_tokens = sum(plan_tokens(plan, examples, mb) for mb in micro)
+            padded = sum(plan_positions(plan, examples, mb) for mb in micro)
+            tokens_seen, trained_seen, padded_seen = (
+                tokens_seen + n_tokens,
+                trained_seen + n_target,
+                padded_seen + padded,
             )
+            train_seconds += dt
+            loss_world = (
+                accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")
+                if world > 1
+                else loss_sum
+            )
+            last_loss = float(loss_world) / max(1, n_target)
+
+            record = {
+                "step": step,
+                "loss": round(last_loss, 6),
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                "tokens": n_tokens,
+                "tokens_per_s": round(n_tokens / dt, 2),
+                "padding": round(1 - n_tokens / max(1, padded), 4),
+                "step_seconds": round(dt, 4),
+                "elapsed": round(budget.elapsed(), 3),
+                "total_steps": total_steps,
+                "budget_left": None if budget.seconds is None else round(budget.remaining(), 3),
+            }
+            now = time.monotonic()
+            (do_eval,) = agree(eval_due.due(step, now) and budget.can_afford(eval_seconds))
+            if do_eval:  # every process evaluates (sharded models need them all); all see the same loss
+                t_eval = time.perf_counter()
+                val_loss = validation_loss(
+                    model, val_examples, tokenizer.pad_token_id, tc.micro_batch, accelerator.device
+                )
+                record["val_loss"] = round(val_loss, 6)
+                if best_val is None or val_loss < best_val - 1e-6:
+                    best_val, best_step, bad_evals = val_loss, step, 0
+                    if tc.early_stopping_patience:
+                        full = full_weights()
+                        if is_main:
+                            run.checkpoints.mkdir(parents=True, exist_ok=True)
+                            best = {k: v for k, v in full.items() if k in trainable_names} if full else None
+                            write_weights(unwrapped, run.checkpoints, ".best.safetensors.tmp", best)
+                            (run.checkpoints / ".best.safetensors.tmp").replace(
+                                run.checkpoints / "best.safetensors"
+                            )
+                else:
+                    bad_evals += 1
+                eval_seconds = time.perf_counter() - t_eval
+            if is_main:
+                run.log(record)
             bar.update(
                 step,
                 f"loss {last_loss:.3f}  {n_tokens / dt:.0f} tok/s  "
                 + budget_info(budget.elapsed(), budget.seconds),
+                total=max_steps,
             )
-            if step % tc.checkpoint_every == 0 and step < max_steps:
-                _, seconds = save_checkpoint(
-                    unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints
-                )
-                budget.record_save(seconds)
+            (patience_out,) = agree(
+                bool(tc.early_stopping_patience) and bad_evals >= (tc.early_stopping_patience or 0)
+            )
+            if patience_out:
+                stopped_by = "early_stopping"
+                break
+            (do_checkpoint,) = agree(checkpoint_due.due(step, now) and step < max_steps)
+            if do_checkpoint:
+                checkpoint()
 
         # ---- final save: always, whatever stopped the loop -------------------------------------------------
-        if (
-            not list_checkpoints(run.checkpoints)
-            or list_checkpoints(run.checkpoints)[-1].name != f"step-{step:07d}"
-        ):
-            save_checkpoint(unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints)
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run.path))
-        try:
-            save_adapter(unwrapped, tmp)
-            tokenizer.save_pretrained(tmp)  # the adapter folder is self-contained for serving
-            replace_dir_atomic(tmp, run.adapter)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        if stopped_by == "early_stopping" and (run.checkpoints / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            methods.load_trainable_state(
+                unwrapped, load_file(str(run.checkpoints / "best.safetensors")), "best"
+            )
+            reporter.print(
+                f"Early stopping: restored the best model (step {best_step}, val loss {best_val:.4f})."
+            )
+        saved = list_checkpoints(run.checkpoints)
+        if not saved or saved[-1].name != f"step-{step:07d}":
+            checkpoint()
+        out_dir = run.path / methods.output_name(tc.method)
+        full = full_weights()
+        if is_main:
+            methods.save_final(unwrapped, tokenizer, tc.method, out_dir, full)
+        accelerator.wait_for_everyone()
 
     result = TrainResult(
         run_dir=str(run.path),
-        adapter_dir=str(run.adapter),
+        output_dir=str(out_dir),
+        method=tc.method,
         steps=step,
         max_steps=max_steps,
         stopped_by=stopped_by,
         tokens=tokens_seen,
         trained_tokens=trained_seen,
         tokens_per_s=round(tokens_seen / train_seconds, 2) if train_seconds else 0.0,
+        padding_waste=round(1 - tokens_seen / padded_seen, 4) if padded_seen else 0.0,
         train_seconds=round(train_seconds, 3),
         elapsed_seconds=round(budget.elapsed(), 3),
         budget_seconds=budget.seconds,
         final_loss=None if last_loss is None else round(last_loss, 6),
+        val_loss=None if val_loss is None else round(val_loss, 6),
+        best_val_loss=None if best_val is None else round(best_val, 6),
+        best_step=best_step,
         precision=precision,
-        device=str(device),
+        device=str(accelerator.device),
+        processes=world,
+        trainable_params=n_trainable,
+        total_params=n_total,
         examples=len(examples),
         truncated=stats.truncated,
         peak_rss_mb=round(peak_rss_mb(), 1),
     )
-    run.update_summary(
-        run_id=run.run_id, model=cfg.model, method=tc.method, train=asdict(result), finished=step >= max_steps
-    )
+    if is_main:
+        run.update_summary(
+            run_id=run.run_id,
+            model=cfg.model,
+            method=tc.method,
+            train=asdict(result),
+            finished=step >= max_steps or stopped_by == "early_stopping",
+        )
     reporter.log(
         f"Trained {step}/{max_steps} steps in {result.elapsed_seconds:.0f}s (stopped by {stopped_by}), "
-        f"{result.tokens_per_s:.0f} tok/s, final loss {result.final_loss}."
+        f"{result.tokens_per_s:.0f} tok/s, padding {result.padding_waste:.0%}, final loss {result.final_loss}."
     )
     return result
+
+
+def plan_tokens(plan: BatchPlan, examples, mb) -> int:
+    return sum(len(examples[i].input_ids) for row in mb for i in row)
+
+
+def plan_positions(plan: BatchPlan, examples, mb) -> int:
+    """Positions the micro-batch computes: rows x the longest row."""
+    return len(mb) * max(sum(len(examples[i].input_ids) for i in row) for row in mb)
 
 
 def find_resume_checkpoint(run: RunDir) -> Path:
