@@ -94,7 +94,7 @@ def test_request_seams_windows_and_stops():
     assert windows[0] == [0, 1, 2, 3, 4] and all(len(w) <= 5 for w in windows)
     assert sum(len(w) - 1 for w in windows) == len(ids) - 1  # every token but the first scored once
     assert [w[1:] for w in windows] and sum((w[1:] for w in windows), []) == ids[1:]
-    assert apply_stop([" B", ".\n", "Q"], ["\n"]) == (" B", 1)  # the token crossing the stop goes with it
+    assert apply_stop([" B", ".\n", "Q"], ["\n"]) == (" B.", 2)  # the crossing token keeps its part before it
     assert apply_stop([" B", "\n"], ["\n"]) == (" B", 1)
     assert apply_stop([" 1", "2"], ["\n"]) == (" 12", 2)
 

@@ -7,8 +7,8 @@
 
 Both give the same numbers for the same model: a continuation's log-likelihood is the sum of its tokens' logprobs
 where the context and continuation are tokenized together and split where the context's own tokens end (as
-lm-evaluation-harness does), and greedy generation stops where the server stops (HELM's rule: a token that crosses
-a stop sequence is dropped with it).
+lm-evaluation-harness does), and greedy generation stops where the server stops (the text ends right before the
+first stop sequence).
 """
 
 from __future__ import annotations
@@ -124,18 +124,19 @@ def rolling_windows(ids: list[int], max_length: int) -> list[list[int]]:
 
 
 def apply_stop(pieces: list[str], stops: list[str]) -> tuple[str, int]:
-    """The text kept and its token count: up to the first stop sequence, dropping a token that crosses it."""
+    """The text kept and its token count: the text ends right before the first stop sequence, and the tokens
+    are those that start before it (the server's rule: a token crossing the cut keeps its part before it)."""
     text = "".join(pieces)
     cut = cut_at_stop(text, stops)
     if cut is None:
         return text, len(pieces)
     used, kept = 0, 0
     for p in pieces:
-        if used + len(p) > cut:
+        if used >= cut:
             break
         used += len(p)
         kept += 1
-    return "".join(pieces[:kept]), kept
+    return text[:cut], kept
 
 
 class LM:
