@@ -16,11 +16,74 @@ EPILOG = """examples:
   daytune run examples/quickstart.yaml                 data -> train (3 min) -> eval, base vs tuned
   daytune run examples/quickstart.yaml --budget 30s    the same, shorter
   daytune train examples/quickstart.yaml --resume auto continue the newest unfinished run of this recipe
-  daytune eval --run runs/<run-id>                     evaluate a run's adapter (and the base model)
+  daytune eval --run runs/<run-id> --with-base         evaluation suite: the run's adapter vs the base model
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
   daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
   daytune submit runs/<run-id> --out submission/       a Dockerfile folder for the competition
 """
+
+
+EVAL_EPILOG = """examples:
+  daytune eval --model smollm2-135m --suite quick              HELM-style scenarios -> results.json + results.md
+  daytune eval --run runs/<run-id> --with-base                 the run's adapter, and the base model, compared
+  daytune eval --http http://localhost:8080 --suite quick      a running submission server, as HELM calls it
+  daytune eval compare eval/A eval/B                           per-scenario deltas, paired-bootstrap CIs
+  daytune eval --model smollm2-135m --harness wikitext,arithmetic_2da --limit 50   lm-eval's own tasks, offline
+  daytune eval --run runs/<run-id> --recipe runs/<run-id>/config.yaml   the recipe's held-out loss + MC accuracy
+"""
+
+
+def _eval_parser(sub) -> None:
+    sp = sub.add_parser(
+        "eval",
+        help="evaluation suites (HELM scenarios), lm-eval tasks, or a recipe's held-out loss; compare results",
+        description="Evaluate a model, an adapter, a run or a running server on HELM-style scenarios; "
+        "'daytune eval compare A B' compares two results files.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.add_argument(
+        "compare", nargs="*", metavar="compare A B", help="compare two results.json files or folders"
+    )
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--run", help="a run folder: its model and adapter")
+    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    src.add_argument(
+        "--http",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="a server speaking the competition API (default $HELM_HTTP_MODEL_BASE_URL or http://localhost:8080)",
+    )
+    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model)")
+    sp.add_argument(
+        "--with-base", action="store_true", help="with an adapter: also evaluate the base model, and compare"
+    )
+    sp.add_argument("--suite", default="quick", help="quick (default), competition-open or full")
+    sp.add_argument(
+        "--scenarios", help="only these scenarios, comma-separated (mmlu,truthfulqa,bbq,gsm8k,xsum,...)"
+    )
+    sp.add_argument(
+        "--max-instances", type=int, help="cap the instances of every scenario (MMLU: per subject)"
+    )
+    sp.add_argument(
+        "--data-root",
+        help="datasets folder (default: quick, the shipped samples; others, $DAYTUNE_EVAL_DATA or "
+        "<repo>/../shared/data)",
+    )
+    sp.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (local model)")
+    sp.add_argument("--concurrency", type=int, default=4, help="requests in flight (--http)")
+    sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    sp.add_argument(
+        "--harness", metavar="TASKS", help="run lm-evaluation-harness tasks offline instead of a suite"
+    )
+    sp.add_argument("--limit", type=int, help="--harness: instances per task")
+    sp.add_argument("--num-fewshot", type=int, help="--harness: shots (default: each task's own)")
+    sp.add_argument(
+        "--recipe", help="evaluate the recipe's eval section instead (held-out loss, MC accuracy)"
+    )
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    sp.add_argument("--out", help="output folder (default: <run>/eval/<time>-<suite> or eval/<time>-<suite>)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,14 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train only (LoRA) from a recipe")
     recipe_args(sp, required=False)
 
-    sp = sub.add_parser("eval", help="held-out loss and multiple-choice accuracy, base vs tuned")
-    src = sp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run folder: its model, adapter and recipe")
-    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
-    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model)")
-    sp.add_argument("--recipe", help="recipe YAML whose data/eval sections to use (default: the run's own)")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    sp.add_argument("--out", help="results JSON path (default: <run>/eval.json or ./eval.json)")
+    _eval_parser(sub)
 
     _serve_parser(sub)
     _submit_parser(sub)
@@ -142,6 +198,135 @@ def _cmd_run(args, reporter, train_only=False) -> int:
 
 
 def _cmd_eval(args, reporter) -> int:
+    if args.compare:
+        return _cmd_eval_compare(args, reporter)
+    if not (args.run or args.model or args.http is not None):
+        raise DaytuneError("daytune eval: give --model, --run or --http (or: daytune eval compare A B)")
+    if args.recipe:
+        return _cmd_eval_recipe(args, reporter)
+    return _cmd_eval_suite(args, reporter)
+
+
+def _cmd_eval_compare(args, reporter) -> int:
+    from daytune.eval.report import compare, compare_markdown, load_results
+    from daytune.fileio import write_json_atomic, write_text_atomic
+
+    if len(args.compare) != 3 or args.compare[0] != "compare":
+        raise DaytuneError("usage: daytune eval compare A B (two results.json files or folders)")
+    a, b = load_results(args.compare[1]), load_results(args.compare[2])
+    rows = compare(a, b, iters=args.bootstrap)
+    if not rows:
+        raise DaytuneError(f"{a['_path']} and {b['_path']} share no scenario metric to compare")
+    text = compare_markdown(rows, a["_path"], b["_path"])
+    reporter.print(text, markup=False)
+    if args.out:
+        out = Path(args.out)
+        write_json_atomic(out / "compare.json", {"a": a["_path"], "b": b["_path"], "rows": rows})
+        write_text_atomic(out / "compare.md", text)
+        reporter.print(f"Comparison: {out / 'compare.md'}")
+    return 0
+
+
+def _eval_out_dir(args, run_path: Path | None, label: str) -> Path:
+    import time as _time
+
+    if args.out:
+        out = Path(args.out)
+    else:
+        stamp = _time.strftime("%Y%m%d-%H%M%S")
+        out = (run_path / "eval" if run_path else Path("eval")) / f"{stamp}-{label}"
+    for name in ("results.json", "base", "tuned", "harness.json"):
+        if (out / name).exists():
+            raise DaytuneError(f"{out / name} exists; results are never overwritten: pass another --out")
+    return out
+
+
+def _cmd_eval_suite(args, reporter) -> int:
+    from daytune.eval.lm import HttpLM, LocalLM
+    from daytune.eval.report import compare, compare_markdown, markdown_table, write_results
+    from daytune.eval.scenarios import DataRoot
+    from daytune.eval.suites import suite_data_root, suite_plan
+    from daytune.fileio import write_json_atomic, write_text_atomic
+
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
+    if not args.harness:
+        suite_plan(args.suite, scenarios, args.max_instances)  # bad names fail before loading a model
+    run_path, model_ref, trained = None, args.model, args.adapter
+    if args.run:
+        from daytune.config import load_run_config
+        from daytune.track import RunDir
+
+        run = RunDir.open(args.run)
+        run_path, model_ref, trained = run.path, load_run_config(run.path / "config.yaml").model, run.trained
+        if not trained.is_dir():
+            raise DaytuneError(f"{run.path}: no adapter/ or model/ yet (the run has not saved a model)")
+    elif trained and not (Path(trained) / "adapter_config.json").is_file():
+        raise DaytuneError(f"--adapter {trained}: not a PEFT adapter folder (no adapter_config.json)")
+    out = _eval_out_dir(args, run_path, "harness" if args.harness else args.suite)
+    if args.http is not None:
+        lm = HttpLM(args.http or None, concurrency=args.concurrency)
+    elif args.with_base and trained and not args.harness:
+        lm = None  # loaded below, after the base model
+    else:
+        lm = LocalLM.load(model_ref, str(trained) if trained else None, args.batch_size, log=reporter.log)
+
+    if args.harness:
+        return _cmd_eval_harness(args, reporter, lm, out)
+
+    def one(lm_, label: str) -> dict:
+        from daytune.eval.suites import run_suite
+
+        reporter.log(f"Evaluating {label} on suite '{args.suite}'...")
+        res = run_suite(
+            lm_, args.suite, args.data_root, scenarios, args.max_instances, args.bootstrap, reporter.log
+        )
+        res["title"] = label if label in ("base", "tuned") else lm_.name
+        j, m = write_results(res, out / label if label in ("base", "tuned") else out)
+        reporter.print(markdown_table(res), markup=False)
+        reporter.print(f"Results: {j} and {m}")
+        return res
+
+    DataRoot(suite_data_root(args.suite, args.data_root)).path("")  # a missing data root fails early
+    if lm is None:  # --with-base: the base model first, then the trained one (one in memory at a time)
+        base = one(LocalLM.load(model_ref, None, args.batch_size, log=reporter.log), "base")
+        tuned = one(LocalLM.load(model_ref, str(trained), args.batch_size, log=reporter.log), "tuned")
+        rows = compare(base, tuned, iters=args.bootstrap)
+        text = compare_markdown(rows, "base", "tuned")
+        write_json_atomic(out / "compare.json", {"a": "base", "b": "tuned", "rows": rows})
+        write_text_atomic(out / "compare.md", text)
+        reporter.print(text, markup=False)
+    else:
+        one(lm, "model")
+    return 0
+
+
+def _cmd_eval_harness(args, reporter, lm, out: Path) -> int:
+    from daytune.eval.harness import harness_summary, run_harness
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.scenarios import DataRoot, default_data_root
+    from daytune.fileio import write_json_atomic
+
+    if not isinstance(lm, LocalLM):
+        raise DaytuneError("--harness runs on a local model (--model or --run), not --http")
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    data = DataRoot(Path(args.data_root).expanduser() if args.data_root else default_data_root())
+    res = run_harness(lm, tasks, data, out / "tasks", limit=args.limit, num_fewshot=args.num_fewshot)
+    summary = harness_summary(res)
+    write_json_atomic(
+        out / "harness.json", {"model": lm.info(), "tasks": tasks, "limit": args.limit, "results": summary}
+    )
+    lines = ["| task | metric | value |", "|---|---|---:|"]
+    for task, metrics in summary.items():
+        for k, v in metrics.items():
+            lines.append(f"| {task} | {k} | {v:.4f} |")
+    reporter.print("\n".join(lines), markup=False)
+    reporter.print(f"Results: {out / 'harness.json'}")
+    return 0
+
+
+def _cmd_eval_recipe(args, reporter) -> int:
+    """The recipe's eval section (held-out loss, multiple-choice accuracy), base vs tuned: what `daytune run`
+    reports besides the suite."""
     from daytune.config import load_run_config
     from daytune.fileio import write_json_atomic
     from daytune.pipeline import eval_table, evaluate_pair

@@ -131,6 +131,10 @@ class EvalConfig:
     multiple_choice_rows: int = 100
     batch_size: int = 8
     base: bool = True  # also evaluate the base model, for a base-vs-tuned table
+    suite: str | None = None  # an evaluation suite (quick, competition-open, full): HELM-style scenarios
+    scenarios: list[str] | None = None  # only these scenarios of the suite
+    max_instances: int | None = None  # cap every scenario's instances (MMLU: per subject)
+    data_root: str | None = None  # datasets folder for the suite (default: the suite's own)
 
 
 @dataclass
@@ -301,6 +305,7 @@ _PATH_FIELDS = [
     ("data", "prepare"),
     ("eval", "heldout"),
     ("eval", "multiple_choice"),
+    ("eval", "data_root"),
 ]
 
 

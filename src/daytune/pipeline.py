@@ -127,9 +127,12 @@ def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
     raise RunError(f"--resume auto: no unfinished run named '{name}' with a checkpoint under {out_dir}")
 
 
-def evaluate_pair(cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter) -> dict:
+def evaluate_pair(
+    cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter, suite_dir: Path | None = None
+) -> dict:
     """Evaluate the base model (unless eval.base is false) and, given a trained adapter or model folder, the tuned
-    one, loaded back from disk (which also proves it loads)."""
+    one, loaded back from disk (which also proves it loads). With `suite_dir`, the recipe's evaluation suite
+    (eval.suite) runs too and writes its results under `suite_dir/<suite>/{base,tuned}/`."""
     import torch
 
     from daytune.eval import evaluate
@@ -142,18 +145,48 @@ def evaluate_pair(cfg: RunConfig, model_ref: str, trained: Path | None, reporter
     with torch.no_grad():
         if trained is None or cfg.eval.base:
             reporter.log("Evaluating the base model...")
-            results["base"] = evaluate(load_model(path), tokenizer, cfg.eval, cfg.data)
+            base = load_model(path)
+            results["base"] = evaluate(base, tokenizer, cfg.eval, cfg.data)
+            if cfg.eval.suite and suite_dir is not None:
+                results["base"]["suite"] = _suite(cfg, base, tokenizer, "base", suite_dir, reporter)
+            del base
             gc.collect()
         if trained is not None:
             reporter.log("Evaluating the tuned model...")
-            results["tuned"] = evaluate(load_trained(path, trained), tokenizer, cfg.eval, cfg.data)
+            tuned = load_trained(path, trained)
+            results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
+            if cfg.eval.suite and suite_dir is not None:
+                results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)
     return results
 
 
 def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
-    results = evaluate_pair(cfg, cfg.model, run.trained, reporter)
+    results = evaluate_pair(cfg, cfg.model, run.trained, reporter, suite_dir=run.path / "eval")
     run.update_summary(eval=results)
     return results
+
+
+def _suite(cfg: RunConfig, model, tokenizer, label: str, suite_dir: Path, reporter: Reporter) -> dict:
+    """Run the recipe's evaluation suite; full results go to <suite_dir>/<suite>/<label>/, the summary keeps each
+    scenario's metrics with their 95% CIs."""
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.report import write_results
+    from daytune.eval.suites import run_suite
+
+    lm = LocalLM(model, tokenizer, name=f"{cfg.model} ({label})", batch_size=cfg.eval.batch_size)
+    res = run_suite(
+        lm, cfg.eval.suite, cfg.eval.data_root, cfg.eval.scenarios, cfg.eval.max_instances, log=reporter.log
+    )
+    res["title"] = label
+    write_results(res, suite_dir / cfg.eval.suite / label)
+    return {
+        "name": cfg.eval.suite,
+        "seconds": res["seconds"],
+        "scenarios": {
+            name: {"n": sc["n"], "main_metric": sc["main_metric"], "metrics": sc["metrics"]}
+            for name, sc in res["scenarios"].items()
+        },
+    }
 
 
 def eval_table(results: dict) -> Table:
@@ -177,6 +210,14 @@ def eval_table(results: dict) -> Table:
         if len(cols) == 2 and None not in values:
             cells.append(f"{values[1] - values[0]:+.4f}")
         table.add_row(label, *cells)
+    suites = [results[c].get("suite", {}).get("scenarios", {}) for c in cols]
+    for name in suites[-1] if suites else []:
+        metric = suites[-1][name]["main_metric"]
+        values = [s.get(name, {}).get("metrics", {}).get(metric, {}).get("value") for s in suites]
+        cells = ["-" if v is None else f"{v:.4f}" for v in values]
+        if len(cols) == 2 and None not in values:
+            cells.append(f"{values[1] - values[0]:+.4f}")
+        table.add_row(f"{name}: {metric}", *cells)
     return table
 
 
@@ -187,11 +228,16 @@ def run_recipe(
     resume: str | None = None,
     overrides: list[str] = (),
 ) -> RunDir:
+    if cfg is not None and cfg.eval.suite:
+        from daytune.eval.suites import suite_plan
+
+        # a bad suite or scenario name fails before training
+        suite_plan(cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
     train(cfg, run, reporter, resume=checkpoint)
     gc.collect()
-    if cfg.eval.heldout or cfg.eval.multiple_choice:
+    if cfg.eval.heldout or cfg.eval.multiple_choice or cfg.eval.suite:
         results = evaluate_run(cfg, run, reporter)
         reporter.print(eval_table(results))
     reporter.print(f"\nRun folder: [bold]{run.path}[/bold]")
