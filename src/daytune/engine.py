@@ -43,16 +43,7 @@ def final_hidden(
         use_cache=False,
     )
     h = out.hidden_states[-1][:, -input_ids.shape[1] :]  # prompt-tuning methods prepend virtual tokens
-    key = (type(model), str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")))
-    if key not in _checked:  # one-time check that hidden_states[-1] really feeds the output layer
-        with torch.no_grad():
-            ref = out.logits[:, -1].float()
-            got = output_layer(model)(h[:, -1]).float()
-            _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-        if not _checked[key]:
-            raise RuntimeError(
-                f"{type(model).__name__}: final hidden states do not feed the output layer directly"
-            )
+    _check_head(model, out, h)
     return h
 
 
@@ -94,19 +85,7 @@ def token_logprobs(model, ids: list[int], top_k: int = 0) -> list[tuple[float, d
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     h = final_hidden(model, x)[0, :-1]
-    head = output_layer(model)
-    targets = x[0, 1:]
-    out: list[tuple[float, dict[int, float]]] = []
-    for i in range(0, h.shape[0], CHUNK):
-        lp = torch.log_softmax(head(h[i : i + CHUNK]).float(), dim=-1)
-        chosen = lp.gather(1, targets[i : i + CHUNK, None])[:, 0].tolist()
-        if top_k > 0:
-            vals, idx = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
-            tops = [dict(zip(r_i, r_v)) for r_i, r_v in zip(idx.tolist(), vals.tolist())]
-        else:
-            tops = [{} for _ in chosen]
-        out.extend(zip(chosen, tops))
-    return out
+    return _score_positions(output_layer(model), h, x[0, 1:], top_k)
 
 
 def loglikelihood(
@@ -159,35 +138,29 @@ def generate(
     top_k_per_token: int = 0,
     stop_check=None,
 ) -> Generated:
-    """Decode one sequence with a KV cache. Reported log-probabilities are the model's own (temperature 1,
-    before top-k/top-p), so they mean the same thing whatever the sampling settings. `stop_check(ids)` returning
-    True ends decoding early (stop sequences are cut by the caller)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**31))
+    """Decode one sequence: the server's batched machinery (prefill, decode_step, choose_tokens) with one row.
+    Reported log-probabilities are the model's own (temperature 1, before top-k/top-p), so they mean the same
+    thing whatever the sampling settings. `stop_check(ids)` returning True ends decoding early (stop sequences are
+    cut by the caller)."""
+    sampling = Sampling(
+        temperature, top_p, top_k, torch.Generator().manual_seed(seed) if seed is not None else None
+    )
+    pre = prefill(model, [prompt_ids])
+    batch, logits = pre.batch, pre.logits
     out = Generated([], [], [])
-    past = None
-    x = torch.tensor([prompt_ids], device=device)
     for _ in range(max_new_tokens):
-        res = model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = res.past_key_values
-        logits = res.logits[0, -1].float()
-        lp = torch.log_softmax(logits, dim=-1)
-        if temperature < GREEDY_BELOW:
-            tok = int(torch.argmax(logits))
-        else:
-            tok = _sample(logits, temperature, top_p, top_k, gen)
+        ((tok, logprob, tops),) = choose_tokens(logits, [sampling], [top_k_per_token])
         if tok in eos_ids:
             out.finish_reason = "eos"
             break
         out.token_ids.append(tok)
-        out.logprobs.append(float(lp[tok]))
+        out.logprobs.append(logprob)
         if top_k_per_token > 0:
-            vals, idx = lp.topk(min(top_k_per_token, lp.shape[-1]))
-            out.top_logprobs.append(dict(zip(idx.tolist(), vals.tolist())))
+            out.top_logprobs.append(tops)
         if stop_check is not None and stop_check(out.token_ids):
             out.finish_reason = "stop"
             break
-        x = torch.tensor([[tok]], device=device)
+        logits = decode_step(model, batch, [tok])
     return out
 
 
@@ -282,12 +255,14 @@ def prefill(
 
 
 def _check_head(model, out, h) -> None:
-    """One-time check (per model class) that the last hidden states feed the output layer directly."""
-    key = type(model)
+    """One-time check (per model class and PEFT method) that the last hidden states feed the output layer
+    directly, which every helper here relies on to apply the output layer only where it is needed."""
+    key = (type(model), str(getattr(getattr(model, "active_peft_config", None), "peft_type", "")))
     if key not in _checked:
-        ref = out.logits[:, -1].float()
-        got = model.get_output_embeddings()(h[:, -1]).float()
-        _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+        with torch.no_grad():
+            ref = out.logits[:, -1].float()
+            got = output_layer(model)(h[:, -1]).float()
+            _checked[key] = torch.allclose(ref, got, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     if not _checked[key]:
         raise RuntimeError(
             f"{type(model).__name__}: final hidden states do not feed the output layer directly"
