@@ -96,7 +96,8 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def _string(obj: dict, key: str, where: str, required: bool) -> str:
+def text_field(obj: dict, key: str, where: str, required: bool) -> str:
+    """A string field of a row; `where` (file:line) starts every error."""
     value = obj.get(key)
     if value is None:
         if required:
@@ -115,15 +116,15 @@ def parse_record(obj: dict[str, Any], where: str) -> dict[str, Any]:
         if obj.get(key) is not None:
             rec[key] = str(obj[key])
     if "text" in obj and "instruction" not in obj and "messages" not in obj:
-        rec["text"] = _string(obj, "text", where, True)
+        rec["text"] = text_field(obj, "text", where, True)
         return rec
     if obj.get("messages") is not None:
         rec["messages"] = check_messages(obj["messages"], where)
-        rec["instruction"] = _string(obj, "instruction", where, False)
-        rec["input"] = _string(obj, "input", where, False)
-        rec["output"] = _string(obj, "output", where, False)
+        rec["instruction"] = text_field(obj, "instruction", where, False)
+        rec["input"] = text_field(obj, "input", where, False)
+        rec["output"] = text_field(obj, "output", where, False)
         return rec
-    rec["instruction"] = _string(obj, "instruction", where, True)
-    rec["input"] = _string(obj, "input", where, False)
-    rec["output"] = _string(obj, "output", where, True)
+    rec["instruction"] = text_field(obj, "instruction", where, True)
+    rec["input"] = text_field(obj, "input", where, False)
+    rec["output"] = text_field(obj, "output", where, True)
     return rec

@@ -138,7 +138,9 @@ class ServeModel:
         self.tokenizer = load_tokenizer(path)
         # an adapter is merged into the weights where its method allows: no adapter cost per token
         model = load_trained(path, Path(self.adapter), merge=True) if self.adapter else load_model(path)
-        if hasattr(model, "peft_config"):  # still a PeftModel: the method adds virtual tokens or attention paths
+        if hasattr(
+            model, "peft_config"
+        ):  # still a PeftModel: the method adds virtual tokens or attention paths
             raise ModelError(
                 f"{self.adapter}: this adapter's method (prefix, prompt, ptuning or adapter) cannot be merged into "
                 "the weights, and the batched server decodes plain models only; serve a lora, dora, qlora, ia3, "
