@@ -284,6 +284,9 @@ def train(
     eval_seconds, stopped_by, last_loss = 0.0, "max_steps", None
     model.train()
     if budget.seconds is not None and step < max_steps:  # before any step is measured: time one forward pass
+        # The first step is guarded micro-batch by micro-batch (below), so the stop rule needs only one micro-batch's
+        # forward and backward to fit; counting the whole accumulation would refuse a step that fits (the cold
+        # first forward is already slower than the steady state).
         first_mb = plan.get(step * per_step + rank)
         batch = {
             k: v.to(accelerator.device)
@@ -293,7 +296,7 @@ def train(
         t_probe = time.perf_counter()
         with torch.no_grad(), accelerator.autocast():
             response_loss(model, batch)
-        budget.prior_step = 3 * (time.perf_counter() - t_probe) * tc.grad_accum  # backward ~ 2x forward
+        budget.prior_step = 3 * (time.perf_counter() - t_probe)  # backward ~ 2x forward
     with _StopFlag() as stop, reporter.task("train", max_steps) as bar:
         bar.update(step, budget_info(budget.elapsed(), budget.seconds))
         while step < max_steps:
