@@ -95,8 +95,11 @@ def evaluate_pair(cfg: RunConfig, model_ref: str, trained: Path | None, reporter
 
 
 def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
+    from daytune.track import record_eval
+
     results = evaluate_pair(cfg, cfg.model, run.trained, reporter)
     run.update_summary(eval=results)
+    record_eval(run, cfg, results, None, cfg.model, run.trained)  # lineage; W&B/MLflow when configured
     return results
 
 
