@@ -349,8 +349,7 @@ def _cmd_runs(args, reporter) -> int:
         if not facts:
             reporter.print(f"No runs under {root}.")
             return 0
-        table = Table(title=f"runs in {root}")
-        for col in (
+        columns = [
             "id",
             "model",
             "method",
@@ -359,14 +358,28 @@ def _cmd_runs(args, reporter) -> int:
             "steps",
             "final loss",
             "eval (tuned, Δ base)",
-        ):
-            table.add_column(col, justify="right" if col in ("steps", "final loss") else "left")
+        ]
+        rows = []
         for f in facts:
             loss = "-" if f["final_loss"] is None else f"{f['final_loss']:.4f}"
-            table.add_row(
-                f["id"], str(f["model"]), str(f["method"]), f["data"] or "-", f["duration"], str(f["steps"] or "-"),
-                loss, f["eval"],
-            )  # fmt: skip
+            model = (
+                Path(str(f["model"])).name if "/" in str(f["model"]) else str(f["model"])
+            )  # a folder: its name
+            rows.append(
+                [f["id"], model, f["method"], f["data"] or "-", f["duration"], f["steps"], loss, f["eval"]]
+            )
+        rows = [["-" if v is None else str(v) for v in row] for row in rows]
+        if not sys.stdout.isatty():  # piped: plain aligned columns, never cut to a terminal width
+            widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+            for r in [columns, *rows]:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            return 0
+        table = Table(title=f"runs in {root}")
+        for col in columns:
+            right = col in ("steps", "final loss")
+            table.add_column(col, justify="right" if right else "left", no_wrap=col != columns[-1])
+        for row in rows:
+            table.add_row(*row)
         reporter.print(table)
         return 0
     if args.runs_command == "compare":

@@ -243,21 +243,28 @@ def diagnose(run: RunDir) -> list[Finding]:
         frac = trained / elapsed
         msg = (
             f"{_pct(frac)} of the {elapsed:.0f} s train stage ran optimizer steps; setup (loading, tokenizing) "
-            f"took {setup:.0f} s, saving and evaluation the remaining {max(0.0, elapsed - trained - setup):.0f} s"
+            f"took {setup:.0f} s, saving and validation the remaining {max(0.0, elapsed - trained - setup):.0f} s"
         )
         if budget:
             msg += f"; {elapsed / budget:.0%} of the {budget:.0f} s budget used"
-        if frac < 0.6:
-            out.append(
-                Finding(
-                    "budget",
-                    WARN,
-                    round(frac, 4),
-                    msg,
-                    "overheads dominate: raise train.checkpoint_every (or use a time interval like 30m), keep "
-                    "fewer eval_every validations, or give the run a longer budget",
-                )
+        rest = max(0.0, elapsed - trained - setup)
+        longest = max(m.get("step_seconds", 0) for m in metrics)
+        if budget and elapsed > 1.1 * budget:
+            rec = (
+                f"the run overran its budget: one step took up to {longest:.0f} s, longer than the time left; on "
+                "a shared or slow machine give a longer budget, or lower train.micro_batch / train.grad_accum so "
+                "single steps are short against the budget"
             )
+            out.append(Finding("budget", WARN, round(frac, 4), msg, rec))
+        elif frac < 0.6:
+            rec = (
+                "setup is a fixed cost (loading, tokenizing, starting trackers) that only a short run feels: "
+                "give the run a longer budget"
+                if setup >= rest
+                else "saving and validation dominate: raise train.checkpoint_every (or a time interval like "
+                "30m) and validate less often (train.eval_every)"
+            )
+            out.append(Finding("budget", WARN, round(frac, 4), msg, rec))
         else:
             out.append(Finding("budget", OK, round(frac, 4), msg))
     return out

@@ -117,6 +117,10 @@ def _chart(
     fig, ax = plt.subplots(figsize=(5.6, 3.2), dpi=100)
     for data, xs, ys, style in series:
         ax.plot(xs, ys, color=data.color, linewidth=1.6, label=style.pop("label", data.id), **style)
+    if xlabel == "step":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10.5, loc="left")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -317,10 +321,9 @@ def _config_diff(runs: list[_RunData]) -> str:
         body = f"<table>{head}{rows(differ)}</table>"
     else:
         body = "<p>The runs share the same configuration.</p>"
-    return (
-        body
-        + f"<details><summary>{len(same)} keys with the same value in every run</summary><table>{head}{rows(same)}</table></details>"
-    )
+    label = "the configuration" if len(runs) == 1 else f"{len(same)} keys with the same value in every run"
+    opened = " open" if len(runs) == 1 else ""
+    return body + f"<details{opened}><summary>{label}</summary><table>{head}{rows(same)}</table></details>"
 
 
 def _doctor(runs: list[_RunData]) -> str:
