@@ -482,3 +482,52 @@ def test_report_opens_in_headless_chromium_without_console_errors(tracked_run, t
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_system_sampler_reads_nvml_and_flattens_for_backends(tmp_path):
+    """The NVML path with a stand-in for the driver (no GPU here): what each GPU reports, and what backends get."""
+    from types import SimpleNamespace
+
+    from daytune.track.system import SystemSampler, flatten_system, gpu_samples
+
+    class FakeNvml:
+        NVML_TEMPERATURE_GPU = 0
+
+        def nvmlDeviceGetCount(self):
+            return 2
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return i
+
+        def nvmlDeviceGetUtilizationRates(self, h):
+            return SimpleNamespace(gpu=90 + h)
+
+        def nvmlDeviceGetMemoryInfo(self, h):
+            return SimpleNamespace(used=30 * 2**30, total=80 * 2**30)
+
+        def nvmlDeviceGetTemperature(self, h, kind):
+            return 70
+
+        def nvmlDeviceGetPowerUsage(self, h):
+            if h == 1:
+                raise RuntimeError("not supported on this board")
+            return 350_000  # milliwatts
+
+    gpus = gpu_samples(FakeNvml())
+    assert gpus[0] == {"index": 0, "util": 90, "mem_used_mb": 30720.0, "mem_total_mb": 81920.0, "temp_c": 70,
+                       "power_w": 350.0}  # fmt: skip
+    assert gpus[1]["power_w"] is None and gpus[1]["util"] == 91
+    flat = flatten_system({"time": 1.0, "elapsed": 2.0, "cpu_percent": 150.0, "rss_mb": 900.0, "gpus": gpus})
+    assert flat["system/gpu.0.power_w"] == 350.0 and flat["system/gpu.1.util"] == 91.0
+    assert (
+        "system/gpu.1.power_w" not in flat and "system/time" not in flat and flat["system/cpu_percent"] == 150
+    )
+
+    sampler = SystemSampler(tmp_path / "system.jsonl", every=0.05).start()
+    import time
+
+    time.sleep(0.3)
+    sampler.stop()
+    lines = (tmp_path / "system.jsonl").read_text().splitlines()
+    assert len(lines) >= 3 and len(sampler.drain()) == len(lines)
+    assert all(json.loads(ln)["rss_mb"] > 0 for ln in lines)
