@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -331,8 +332,14 @@ class Tracker:
             }
             lineage.setdefault("outputs", []).append(out)
             write_json_atomic(self.run.path / "lineage.json", lineage)
-        findings = diagnose(self.run)
-        write_json_atomic(self.run.path / "doctor.json", findings_json(findings))
+        try:
+            findings = diagnose(self.run)
+            write_json_atomic(self.run.path / "doctor.json", findings_json(findings))
+        except Exception as e:  # noqa: BLE001 - the doctor's opinion is not worth a failed run
+            self.warn(
+                f"warning: the utilization doctor failed ({type(e).__name__}: {e}); run `daytune runs doctor`"
+            )
+            findings = []
         summary = {
             f"final/{k}": v
             for k, v in result.items()
@@ -385,6 +392,8 @@ def record_eval(
     warn=None,
 ) -> None:
     """Lineage (run -> evaluation results) and the backends: each evaluation of a run is linked to it."""
+    if int(os.environ.get("RANK", "0")) != 0:  # a multi-process launch: the main process records
+        return
     warn = warn or _default_warn
     eval_cfg = cfg.eval
     entry = {
