@@ -531,3 +531,23 @@ def test_system_sampler_reads_nvml_and_flattens_for_backends(tmp_path):
     lines = (tmp_path / "system.jsonl").read_text().splitlines()
     assert len(lines) >= 3 and len(sampler.drain()) == len(lines)
     assert all(json.loads(ln)["rss_mb"] > 0 for ln in lines)
+
+
+def test_tracker_start_leaves_random_states_alone(tiny_recipe, tiny_model):
+    """The peak measurement draws random matrices: a resumed run must still replay the same dropout masks."""
+    import random
+
+    import torch
+
+    from daytune.track.tracker import Tracker
+
+    cfg = load_run_config(tiny_recipe())
+    run = RunDir.create(cfg.out_dir, cfg.name)
+    run.write_start("model: x\n", ["daytune"])
+    torch.manual_seed(3)
+    random.seed(3)
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    tracker = Tracker(run, cfg).start(tiny_model[0], torch.device("cpu"), "32-true")
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert tracker.peak > 0 and tracker.peak_source.startswith("measured: cpu")
+    tracker.finish({}, None)

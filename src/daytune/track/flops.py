@@ -63,8 +63,9 @@ def table_peak(device_name: str, dtype: torch.dtype) -> float | None:
 def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
     """FLOP/s of a square matmul on `device` in `dtype`, best of the repeats that fit in about `seconds`."""
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator().manual_seed(0)  # its own generator: training's random state stays untouched
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
 
     def sync():
         if device.type == "cuda":

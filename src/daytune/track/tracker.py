@@ -131,8 +131,25 @@ class Tracker:
 
     # -- start ------------------------------------------------------------------------------------------------
     def start(self, model, device, precision: str, world: int = 1) -> Tracker:
+        """Record the environment, measure the device, open the backends. Random states are left exactly as they
+        were (the peak measurement draws random matrices, libraries may draw ids): a resumed run must replay."""
         if not self.enabled:
             return self
+        import random
+
+        import numpy as np
+        import torch
+
+        py_state, np_state = random.getstate(), np.random.get_state()
+        devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                return self._start(model, device, precision, world)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def _start(self, model, device, precision: str, world: int) -> Tracker:
         from daytune.track.env import environment, snapshot_code
         from daytune.track.flops import ModelFlops, device_peak
         from daytune.track.system import SystemSampler
