@@ -69,6 +69,15 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _system_clock(r) -> list[float]:
+    """System sample times on the metrics' clock (seconds since the train stage started), when both have wall time."""
+    first = next((m for m in r.metrics if "time" in m), None)
+    if first is None:
+        return [s["elapsed"] for s in r.system]
+    origin = first["time"] - first["elapsed"]
+    return [s["time"] - origin for s in r.system]
+
+
 class _RunData:
     def __init__(self, run: RunDir, index: int):
         self.run, self.color = run, COLORS[index % len(COLORS)]
@@ -116,6 +125,9 @@ def _chart(
     plt.rcParams.update({"svg.hashsalt": "daytune", "font.size": 9})
     fig, ax = plt.subplots(figsize=(5.6, 3.2), dpi=100)
     for data, xs, ys, style in series:
+        if len(xs) < 30:  # a few points: show each one (a single step is otherwise invisible)
+            style.setdefault("marker", "o")
+            style.setdefault("markersize", 3.5)
         ax.plot(xs, ys, color=data.color, linewidth=1.6, label=style.pop("label", data.id), **style)
     if xlabel == "step":
         from matplotlib.ticker import MaxNLocator
@@ -175,45 +187,44 @@ def _charts(runs: list[_RunData]) -> list[str]:
         memory = [
             (
                 r,
-                [s["elapsed"] for s in r.system if s.get("gpus")],
+                [x for x, s in zip(_system_clock(r), r.system) if s.get("gpus")],
                 [s["gpus"][0]["mem_used_mb"] / 1024 for s in r.system if s.get("gpus")],
                 {},
             )
             for r in runs
         ]
         charts.append(
-            _chart("GPU memory over time (NVML, GPU 0)", "seconds since tracking started", "GiB", memory)
+            _chart(
+                "GPU memory over time (NVML, GPU 0)", "seconds since the train stage started", "GiB", memory
+            )
         )
         load = [
             (
                 r,
-                [s["elapsed"] for s in r.system if s.get("gpus")],
+                [x for x, s in zip(_system_clock(r), r.system) if s.get("gpus")],
                 [s["gpus"][0]["util"] for s in r.system if s.get("gpus")],
                 {},
             )
             for r in runs
         ]
-        charts.append(_chart("GPU utilization over time", "seconds since tracking started", "% busy", load))
+        charts.append(
+            _chart("GPU utilization over time", "seconds since the train stage started", "% busy", load)
+        )
     else:
-        memory = [
-            (r, [s["elapsed"] for s in r.system], [s["rss_mb"] / 1024 for s in r.system], {}) for r in runs
-        ]
+        memory = [(r, _system_clock(r), [s["rss_mb"] / 1024 for s in r.system], {}) for r in runs]
         charts.append(
             _chart(
                 "Memory over time (resident, the training process)",
-                "seconds since tracking started",
+                "seconds since the train stage started",
                 "GiB",
                 memory,
             )
         )
-        load = [
-            (r, [s["elapsed"] for s in r.system], [s["cpu_percent"] / 100 for s in r.system], {})
-            for r in runs
-        ]
+        load = [(r, _system_clock(r), [s["cpu_percent"] / 100 for s in r.system], {}) for r in runs]
         charts.append(
             _chart(
                 "CPU load over time (the training process)",
-                "seconds since tracking started",
+                "seconds since the train stage started",
                 "cores busy",
                 load,
             )

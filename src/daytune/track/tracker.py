@@ -280,6 +280,7 @@ class Tracker:
             record["flops_per_s"] = round(flops / dt, 1)
             record["mfu"] = round(flops / dt / (self.peak * self.world), 5) if self.peak else None
         record.update(self.totals)
+        record["time"] = round(time.time(), 3)  # wall clock: lines steps up with system.jsonl
         self.run.log(record)
         samples_taken = self.sampler.drain() if self.sampler else []
         self._forward(record, samples_taken)
