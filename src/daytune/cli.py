@@ -398,13 +398,15 @@ def _cmd_runs(args, reporter) -> int:
         findings = diagnose(run)
         if findings:
             write_json_atomic(run.path / "doctor.json", findings_json(findings))
-        reporter.print(format_findings(findings))
+        reporter.print(format_findings(findings), markup=False)
         return 0
     _show_run(run, reporter)
     return 0
 
 
 def _show_run(run, reporter) -> None:
+    from rich.markup import escape
+
     from daytune.track.doctor import Finding, diagnose, format_findings
     from daytune.track.runs import run_facts
 
@@ -413,7 +415,7 @@ def _show_run(run, reporter) -> None:
     env, tracking = run.read_json("env.json"), run.read_json("tracking.json")
     train = summary.get("train", {})
     lines = [
-        f"[bold]{f['id']}[/bold]  ({f['status']})",
+        f"[bold]{escape(f['id'])}[/bold]  ({f['status']})",
         f"  folder     {run.path}",
         f"  model      {f['model']}  method {f['method']}",
         f"  data       {((lineage.get('dataset') or {}).get('train') or {}).get('path', '-')}  sha256 {f['data'] or '-'}",
@@ -443,10 +445,10 @@ def _show_run(run, reporter) -> None:
     lines.append(f"  checkpoints {len(lineage.get('checkpoints', []))} saved, {len(kept)} kept")
     for ev in lineage.get("evaluations", []):
         lines.append(f"  evaluated  {ev['time']} -> {ev['results']}")
-    reporter.print("\n".join(lines))
+    reporter.print(lines[0] + "\n" + escape("\n".join(lines[1:])))  # paths and commands hold [brackets]
     doctor = run.read_json("doctor.json")
     findings = [Finding(**x) for x in doctor.get("findings", [])] if doctor else diagnose(run)
-    reporter.print(format_findings(findings))
+    reporter.print(format_findings(findings), markup=False)
 
 
 def _cmd_export(args, reporter) -> int:

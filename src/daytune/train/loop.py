@@ -451,7 +451,7 @@ def train(
         f"{result.tokens_per_s:.0f} tok/s, padding {result.padding_waste:.0%}, final loss {result.final_loss}."
     )
     if findings:
-        reporter.print(format_findings(findings))
+        reporter.print(format_findings(findings), markup=False)
     return result
 
 
