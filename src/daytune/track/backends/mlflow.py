@@ -77,8 +77,9 @@ class MlflowBackend:
 
         ms = int(timestamp * 1000)
         batch = [Metric(k, float(v), ms, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        # queued: MLflow writes them on its own thread, off the training path (finish waits for them)
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.last_step = max(self.last_step, step)
@@ -103,5 +104,8 @@ class MlflowBackend:
 
     def finish(self, status: str) -> None:
         if self.client is not None and self.run_id is not None:
+            import mlflow
+
+            mlflow.flush_async_logging()  # every queued metric is written (or its error raised) before the run ends
             self.client.set_terminated(self.run_id, status={"finished": "FINISHED"}.get(status, "FAILED"))
             self.client = None
