@@ -125,17 +125,19 @@ def diagnose(run: RunDir) -> list[Finding]:
         busy = statistics.fmean(s.get("cpu_percent", 0) for s in during) / 100
         frac = busy / threads
         msg = f"the process kept {busy:.1f} of the {threads} cores PyTorch uses busy ({_pct(min(1.0, frac))})"
-        if frac < 0.6:
-            out.append(
-                Finding(
-                    "device_utilization",
-                    WARN,
-                    round(frac, 4),
-                    msg,
-                    "the cores idle between matmuls: raise train.micro_batch or data.max_seq_len with packing "
-                    "(bigger matmuls), or check that no other process competes for the CPU",
-                )
+        machine = statistics.fmean(s.get("cpu_system_percent", 0) for s in during) / 100
+        if frac < 0.6 and machine > 0.85:
+            rec = (
+                f"the machine's CPUs were {_pct(machine)} busy overall: other processes took the cores this run "
+                "was given; run it alone, or set train.threads to the cores that are actually free"
             )
+            out.append(Finding("device_utilization", WARN, round(frac, 4), msg, rec))
+        elif frac < 0.6:
+            rec = (
+                "the cores idle between matmuls: raise train.micro_batch, or data.max_seq_len with packing "
+                "(bigger matmuls)"
+            )
+            out.append(Finding("device_utilization", WARN, round(frac, 4), msg, rec))
         else:
             out.append(Finding("device_utilization", OK, round(frac, 4), msg))
     mfus = [m["mfu"] for m in steady if m.get("mfu") is not None]
