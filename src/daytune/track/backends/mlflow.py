@@ -25,6 +25,7 @@ class MlflowBackend:
         self.client = None
         self.run_id = None
         self.last_step = 0
+        self.queued = []  # pending asynchronous writes
 
     def start(self, info: StartInfo) -> dict[str, Any]:
         from mlflow.tracking import MlflowClient
@@ -79,7 +80,18 @@ class MlflowBackend:
         batch = [Metric(k, float(v), ms, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         # queued: MLflow writes them on its own thread, off the training path (finish waits for them)
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False)
+            self.queued.append(
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=False)
+            )
+        if len(self.queued) > 500:
+            self._wait()
+
+    def _wait(self) -> None:
+        """Block until every queued write is done; a failed write raises here."""
+        while self.queued:
+            op = self.queued.pop(0)
+            if op is not None:
+                op.wait()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.last_step = max(self.last_step, step)
@@ -104,8 +116,6 @@ class MlflowBackend:
 
     def finish(self, status: str) -> None:
         if self.client is not None and self.run_id is not None:
-            import mlflow
-
-            mlflow.flush_async_logging()  # every queued metric is written (or its error raised) before the run ends
+            self._wait()  # every queued metric is written (or its error raised) before the run ends
             self.client.set_terminated(self.run_id, status={"finished": "FINISHED"}.get(status, "FAILED"))
             self.client = None
