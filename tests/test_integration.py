@@ -45,7 +45,7 @@ def test_quickstart_with_a_30s_budget(tmp_path):
             "--set",
             "eval.heldout_rows=10",
             "--set",
-            "eval.multiple_choice_rows=20",
+            "eval.max_instances=1",
         ],
         capture_output=True,
         text=True,
@@ -59,7 +59,9 @@ def test_quickstart_with_a_30s_budget(tmp_path):
     assert train["elapsed_seconds"] <= 30
     for side in ("base", "tuned"):
         assert summary["eval"][side]["heldout"]["rows"] == 10
-        assert summary["eval"][side]["multiple_choice"]["n"] == 20
+        suite = summary["eval"][side]["suite"]["scenarios"]
+        assert suite["mmlu"]["n"] == 5 and suite["gsm8k"]["n"] == 1  # the quick suite, one instance each
+        assert (run / "eval" / "quick" / side / "results.json").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert f"daytune serve --run {run}" in out.stdout
     listed = subprocess.run(

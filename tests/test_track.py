@@ -100,7 +100,8 @@ def test_run_store_records_everything(tracked_run):
 
     lineage = json.loads((p / "lineage.json").read_text())
     sha = lineage["dataset"]["fingerprint"]
-    assert len(sha) == 64 and lineage["dataset"]["train"]["bytes"] > 0
+    assert sha.startswith("sha256:") and len(sha) == 71 and lineage["dataset"]["train"]["bytes"] > 0
+    assert tracked_run.read_summary()["data"]["fingerprint"] == sha  # the data stage's own fingerprint
     assert [c["step"] for c in lineage["checkpoints"]] == [2, 3]
     (output,) = lineage["outputs"]
     assert output["path"] == "adapter" and "adapter_model.safetensors" in output["files"]

@@ -77,10 +77,12 @@ class FreezeConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # JSONL with instruction, optional input, output
+    train: str | None = None  # JSONL (instruction/input/output, messages or text) or a `data prepare` folder
     val: str | None = None  # validation JSONL; default: none, or a val_fraction split of train
     val_fraction: float = 0.0  # hold out this fraction of train for validation when `val` is not given
     val_rows: int | None = 200  # validation rows used (None: all)
+    prepare: str | None = None  # a data recipe: `daytune run` prepares it into <run>/data and trains on that
+    fingerprint: str | None = None  # the data's fingerprint; training refuses data that does not match
     template: str = "chat"  # "chat" (the model's chat template) or "alpaca"
     max_seq_len: int = 512
     max_rows: int | None = None  # use only the first N training rows
@@ -130,6 +132,10 @@ class EvalConfig:
     multiple_choice_rows: int = 100
     batch_size: int = 8
     base: bool = True  # also evaluate the base model, for a base-vs-tuned table
+    suite: str | None = None  # an evaluation suite (quick, competition-open, full): HELM-style scenarios
+    scenarios: list[str] | None = None  # only these scenarios of the suite
+    max_instances: int | None = None  # cap every scenario's instances (MMLU: per subject)
+    data_root: str | None = None  # datasets folder for the suite (default: the suite's own)
 
 
 @dataclass
@@ -335,7 +341,14 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-_PATH_FIELDS = [("data", "train"), ("data", "val"), ("eval", "heldout"), ("eval", "multiple_choice")]
+_PATH_FIELDS = [
+    ("data", "train"),
+    ("data", "val"),
+    ("data", "prepare"),
+    ("eval", "heldout"),
+    ("eval", "multiple_choice"),
+    ("eval", "data_root"),
+]
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

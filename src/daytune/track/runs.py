@@ -79,7 +79,7 @@ def run_facts(run: RunDir) -> dict[str, Any]:
         "path": str(run.path),
         "model": cfg.get("model", "?"),
         "method": (cfg.get("train") or {}).get("method", "?"),
-        "data": fingerprint[:12] if fingerprint else None,
+        "data": fingerprint.split(":")[-1][:12] if fingerprint else None,  # sha256:<hex> -> 12 hex digits
         "elapsed_seconds": elapsed,
         "budget_seconds": budget,
         "duration": (format_duration(elapsed) if elapsed is not None else "-")

@@ -130,7 +130,7 @@ class Tracker:
         self.finished = False
 
     # -- start ------------------------------------------------------------------------------------------------
-    def start(self, model, device, precision: str, world: int = 1) -> Tracker:
+    def start(self, model, device, precision: str, world: int = 1, data: dict | None = None) -> Tracker:
         """Record the environment, measure the device, open the backends. Random states are left exactly as they
         were (the peak measurement draws random matrices, libraries may draw ids): a resumed run must replay."""
         if not self.enabled:
@@ -144,12 +144,12 @@ class Tracker:
         devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             try:
-                return self._start(model, device, precision, world)
+                return self._start(model, device, precision, world, data or {})
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
 
-    def _start(self, model, device, precision: str, world: int) -> Tracker:
+    def _start(self, model, device, precision: str, world: int, data: dict) -> Tracker:
         from daytune.track.env import environment, snapshot_code
         from daytune.track.flops import ModelFlops, device_peak
         from daytune.track.system import SystemSampler
@@ -169,7 +169,7 @@ class Tracker:
             snapshot_code(path / "code")
         self.flops = ModelFlops.of(model)
         self.peak, self.peak_source = device_peak(device, precision, tc.peak_tflops)
-        self._write_lineage_start()
+        self._write_lineage_start(data)
         self.sampler = SystemSampler(self.run.system_file, tc.system_every).start()
         tracking = self.run.read_json("tracking.json")
         tracking.update(
@@ -228,15 +228,17 @@ class Tracker:
             tags={"daytune.model": cfg.model, "daytune.method": cfg.train.method, "daytune.name": cfg.name},
         )
 
-    def _write_lineage_start(self) -> None:
+    def _write_lineage_start(self, data: dict) -> None:
+        """`data` is what the loop read (path, rows, fingerprint: the data stage's sha256 over the files)."""
         lineage = self.run.read_json("lineage.json")
         if "dataset" not in lineage:
             dc = self.cfg.data
-            train = file_fingerprint(dc.train)
+            train = file_fingerprint(data.get("train") or dc.train)
             lineage.update(
                 {
                     "dataset": {
-                        "fingerprint": (train or {}).get("sha256"),
+                        "fingerprint": data.get("fingerprint") or (train or {}).get("sha256"),
+                        "rows": data.get("rows"),
                         "train": train,
                         "val": file_fingerprint(dc.val),
                         "settings": {
