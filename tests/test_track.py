@@ -382,7 +382,8 @@ def test_eval_and_serve_take_a_run_id(tracked_run, monkeypatch, capsys):
     monkeypatch.setenv("DAYTUNE_RUNS", str(tracked_run.path.parent))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     out = tracked_run.path / "eval-by-id.json"
-    args = ["--set", "track.backends=[]", "--set", "eval.base=false", "--out", str(out)]
+    recipe = str(tracked_run.path / "config.yaml")  # the recipe path: held-out loss and accuracy
+    args = ["--recipe", recipe, "--set", "track.backends=[]", "--set", "eval.base=false", "--out", str(out)]
     assert main(["eval", "--run", tracked_run.run_id, *args]) == 0
     result = json.loads(out.read_text())
     assert result["trained"] == str(tracked_run.path / "adapter")
