@@ -70,7 +70,7 @@ def test_quickstart_with_a_30s_budget(tmp_path):
         text=True,
     )
     (row,) = json.loads(listed.stdout)  # the run appears in `runs list`, evaluated, with its data fingerprint
-    assert row["id"] == run.name and row["model"] == "smollm2-135m" and row["eval"].startswith("acc ")
+    assert row["id"] == run.name and row["model"] == "smollm2-135m" and row["eval"].startswith("mmlu ")
     assert len(row["data"]) == 12 and (run / "doctor.json").is_file() and (run / "system.jsonl").is_file()
 
 

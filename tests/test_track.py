@@ -553,3 +553,21 @@ def test_tracker_start_leaves_random_states_alone(tiny_recipe, tiny_model):
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
     assert tracker.peak > 0 and tracker.peak_source.startswith("measured: cpu")
     tracker.finish({}, None)
+
+
+def test_suite_results_feed_the_headline_lineage_and_report(tmp_path):
+    from daytune.track.report import write_report
+    from daytune.track.runs import eval_headline
+    from daytune.track.tracker import eval_metrics
+
+    def side(acc):
+        mmlu = {"n": 10, "main_metric": "exact_match", "metrics": {"exact_match": {"value": acc, "ci_low": acc - 0.1, "ci_high": acc + 0.1}}}  # fmt: skip
+        return {"heldout": {"loss": 1.5 - acc}, "suite": {"name": "quick", "scenarios": {"mmlu": mmlu}}}
+
+    results = {"base": side(0.3), "tuned": side(0.4)}
+    assert eval_headline(results) == "mmlu 0.400 (+0.100)  loss 1.100 (-0.100)"
+    assert eval_metrics(results)["eval/tuned/mmlu/exact_match"] == 0.4
+    run = _fake_run(tmp_path, [{"step": 1, "loss": 1.0, "lr": 1e-4, "elapsed": 1.0, "tokens_per_s": 10.0}],
+                    summary={"eval": results})  # fmt: skip
+    page = write_report([run], tmp_path / "r.html").read_text()
+    assert "Evaluation suite" in page and "[0.3, 0.5]" in page

@@ -290,8 +290,11 @@ def _eval_tables(runs: list[_RunData]) -> str:
                 f"<td class='num'>{_fmt(ho.get('loss'))}</td><td class='num'>{_fmt(ho.get('perplexity'))}</td>"
                 f"<td class='num'>{_fmt(ho.get('rows'))}</td><td class='num'>{_fmt(ho.get('tokens'))}</td></tr>"
             )
+    suite = _suite_table(runs)
     if not rows:
-        return "<p class='muted'>No evaluation recorded for these runs (run <code>daytune eval --run ID</code>).</p>"
+        return suite or (
+            "<p class='muted'>No evaluation recorded for these runs (run <code>daytune eval --run ID</code>).</p>"
+        )
     head = (
         "<tr><th>run</th><th>model</th><th>multiple-choice accuracy</th><th>95 % CI (Wilson)</th><th>questions</th>"
         "<th>held-out loss</th><th>perplexity</th><th>rows</th><th>scored tokens</th></tr>"
@@ -301,7 +304,35 @@ def _eval_tables(runs: list[_RunData]) -> str:
         "intervals overlap widely are not distinguishable on this many questions. Held-out loss is the mean over the "
         "scored response tokens.</p>"
     )
-    return f"<table>{head}{''.join(rows)}</table>{note}"
+    return f"<table>{head}{''.join(rows)}</table>{note}{suite}"
+
+
+def _suite_table(runs: list[_RunData]) -> str:
+    """The evaluation suite's scenarios (HELM-style), each metric with its bootstrap 95 % interval."""
+    rows = []
+    for r in runs:
+        for side in ("base", "tuned"):
+            scenarios = ((r.eval.get(side) or {}).get("suite") or {}).get("scenarios") or {}
+            for name, sc in scenarios.items():
+                for metric, m in (sc.get("metrics") or {}).items():
+                    if not isinstance(m, dict) or m.get("value") is None:
+                        continue
+                    lo, hi = m.get("ci_low"), m.get("ci_high")
+                    ci = f"[{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "-"
+                    main = " (main)" if metric == sc.get("main_metric") else ""
+                    rows.append(
+                        f"<tr><td><span class='swatch' style='background:{r.color}'></span>{html.escape(r.id)}</td>"
+                        f"<td>{side}</td><td>{html.escape(name)}</td><td>{html.escape(metric)}{main}</td>"
+                        f"<td class='num'>{_fmt(m['value'])}</td><td class='num'>{ci}</td>"
+                        f"<td class='num'>{_fmt(sc.get('n'))}</td></tr>"
+                    )
+    if not rows:
+        return ""
+    head = (
+        "<tr><th>run</th><th>model</th><th>scenario</th><th>metric</th><th>value</th>"
+        "<th>95 % CI (bootstrap)</th><th>instances</th></tr>"
+    )
+    return f"<h3>Evaluation suite</h3><table>{head}{''.join(rows)}</table>"
 
 
 def _config_diff(runs: list[_RunData]) -> str:

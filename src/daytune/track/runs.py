@@ -103,6 +103,18 @@ def eval_headline(results: dict[str, Any] | None) -> str:
     side = results.get("tuned") or results.get("base") or {}
     base = results.get("base") if "tuned" in results else None
     parts = []
+    scenarios = (side.get("suite") or {}).get("scenarios") or {}
+    if scenarios:  # the evaluation suite's headline: MMLU when it ran, else the first scenario
+        name = "mmlu" if "mmlu" in scenarios else next(iter(scenarios))
+        sc = scenarios[name]
+        value = ((sc.get("metrics") or {}).get(sc.get("main_metric")) or {}).get("value")
+        if isinstance(value, (int, float)):
+            text = f"{name} {value:.3f}"
+            ref_sc = (((base or {}).get("suite") or {}).get("scenarios") or {}).get(name) or {}
+            ref = ((ref_sc.get("metrics") or {}).get(sc.get("main_metric")) or {}).get("value")
+            if isinstance(ref, (int, float)):
+                text += f" ({value - ref:+.3f})"
+            parts.append(text)
     for label, section, key in (("acc", "multiple_choice", "accuracy"), ("loss", "heldout", "loss")):
         value = (side.get(section) or {}).get(key)
         if value is None:

@@ -459,7 +459,14 @@ def eval_metrics(results: dict[str, Any]) -> dict[str, float]:
         if not isinstance(sections, dict):
             continue
         for section, values in sections.items():
-            if isinstance(values, dict):
+            if section == "suite" and isinstance(
+                values, dict
+            ):  # scenario -> metric -> {value, ci_low, ci_high}
+                for name, sc in (values.get("scenarios") or {}).items():
+                    for metric, m in (sc.get("metrics") or {}).items():
+                        if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                            out[f"eval/{side}/{name}/{metric}"] = m["value"]
+            elif isinstance(values, dict):
                 for key, value in values.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         out[f"eval/{side}/{section}_{key}"] = value
