@@ -416,7 +416,7 @@ def write_report(runs: list[RunDir], out: str | Path) -> Path:
         import matplotlib  # noqa: F401
     except ImportError:
         raise DaytuneError(
-            "runs compare draws its charts with matplotlib: pip install 'daytune[track]'"
+            "runs compare draws its charts with matplotlib, which is missing: reinstall daytune"
         ) from None
     data = [_RunData(r, i) for i, r in enumerate(runs)]
     title = "daytune: " + (
