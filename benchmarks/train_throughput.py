@@ -14,8 +14,9 @@ max_seq_len 512, 8 sequences per optimizer step, fp32 on CPU (bf16 on GPU), no g
 
 Each runner is its own process (its peak RSS is its own). Useful tokens = non-padding tokens. MFU = model FLOPs per
 useful token x tokens/s / the fp32 (bf16 on GPU) matmul peak measured at the start of this run. Model FLOPs per
-token: 2N forward + 2N backward through frozen weights (+2N weight gradients for full fine-tuning), N = parameters
-in matmuls (embedding lookup excluded, output layer included), plus attention. Writes JSON to benchmarks/results/.
+token (daytune.track.flops, the count the run store logs): 2N forward + 2N backward through frozen weights (+2N
+weight gradients for full fine-tuning), N = parameters in matmuls (embedding lookup excluded, output layer
+included), plus attention forward and backward. Writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -78,17 +79,6 @@ def matmul_peak_gflops(device: str, dtype_name: str) -> float:
         (a @ b).sum().item()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
-
-
-def flops_per_token(config, full: bool, seq: int) -> float:
-    """Model FLOPs per trained token (see the module docstring)."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * config.intermediate_size  # q,o + k,v + gate,up,down
-    n = layers * per_layer + h * config.vocab_size
-    attention = 2 * 2 * layers * seq * h / 2  # QK^T and AV, causal: half the square on average
-    forward = 2 * n + attention
-    return forward * (3 if full else 2)
 
 
 def records():
@@ -247,6 +237,8 @@ def main() -> None:
         return
     import torch
     from transformers import AutoConfig
+
+    from daytune.track.flops import flops_per_token
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     peak = matmul_peak_gflops(args.device, dtype)

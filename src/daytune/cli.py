@@ -20,6 +20,8 @@ EPILOG = """examples:
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
   daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
   daytune submit runs/<run-id> --out submission/       a Dockerfile folder for the competition
+  daytune runs list                                    every run under ./runs: model, method, data, time, loss, eval
+  daytune runs compare RUN1 RUN2 --out report.html     loss curves, throughput, memory, config diff, eval CIs
 """
 
 
@@ -46,8 +48,12 @@ def _eval_parser(sub) -> None:
         "compare", nargs="*", metavar="compare A B", help="compare two results.json files or folders"
     )
     src = sp.add_mutually_exclusive_group()
-    src.add_argument("--run", help="a run folder: its model and adapter")
-    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    src.add_argument("--run", help="a run folder or run id: its model and adapter")
+    src.add_argument(
+        "--model",
+        help="model reference: smollm2-135m, a HF folder, a .gguf file, a hub id, or a W&B model artifact "
+        "wandb:ENTITY/PROJECT/NAME:VERSION (its base model and adapter, as daytune logged them)",
+    )
     src.add_argument(
         "--http",
         nargs="?",
@@ -127,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _serve_parser(sub)
     _submit_parser(sub)
+    _runs_parser(sub)
 
     sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
     sp.add_argument("run", help="a run folder")
@@ -251,15 +258,19 @@ def _cmd_eval_suite(args, reporter) -> int:
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     if not args.harness:
         suite_plan(args.suite, scenarios, args.max_instances)  # bad names fail before loading a model
-    run_path, model_ref, trained = None, args.model, args.adapter
+    run_path, model_ref, trained, run = None, args.model, args.adapter, None
     if args.run:
         from daytune.config import load_run_config
-        from daytune.track import RunDir
+        from daytune.track.runs import resolve_run
 
-        run = RunDir.open(args.run)
+        run = resolve_run(args.run)  # a folder or a run id
         run_path, model_ref, trained = run.path, load_run_config(run.path / "config.yaml").model, run.trained
         if not trained.is_dir():
             raise DaytuneError(f"{run.path}: no adapter/ or model/ yet (the run has not saved a model)")
+    elif model_ref and model_ref.startswith("wandb:"):
+        from daytune.track.artifacts import pull_wandb_model
+
+        model_ref, trained = pull_wandb_model(model_ref, reporter.log)
     elif trained and not (Path(trained) / "adapter_config.json").is_file():
         raise DaytuneError(f"--adapter {trained}: not a PEFT adapter folder (no adapter_config.json)")
     out = _eval_out_dir(args, run_path, "harness" if args.harness else args.suite)
@@ -295,8 +306,13 @@ def _cmd_eval_suite(args, reporter) -> int:
         write_json_atomic(out / "compare.json", {"a": "base", "b": "tuned", "rows": rows})
         write_text_atomic(out / "compare.md", text)
         reporter.print(text, markup=False)
+        results = {"base": base, "tuned": tuned}
     else:
-        one(lm, "model")
+        results = {"tuned" if run else "model": one(lm, "model")}
+    if run is not None:  # lineage: run -> these results (and W&B/MLflow when the run's recipe tracks them)
+        from daytune.track import record_eval
+
+        record_eval(run, load_run_config(run.path / "config.yaml"), results, out, model_ref, trained)
     return 0
 
 
@@ -330,16 +346,22 @@ def _cmd_eval_recipe(args, reporter) -> int:
     from daytune.config import load_run_config
     from daytune.fileio import write_json_atomic
     from daytune.pipeline import eval_table, evaluate_pair
-    from daytune.track import RunDir
+    from daytune.track import record_eval
+    from daytune.track.runs import resolve_run
 
+    run = None
     if args.run:
-        run = RunDir.open(args.run)
+        run = resolve_run(args.run)
         cfg = load_run_config(args.recipe or run.path / "config.yaml", args.set)
         model_ref, trained = cfg.model, run.trained
         out = Path(args.out or run.path / "eval.json")
     else:
         cfg = load_run_config(args.recipe, args.set)
         model_ref, trained = args.model, Path(args.adapter) if args.adapter else None
+        if model_ref.startswith("wandb:"):
+            from daytune.track.artifacts import pull_wandb_model
+
+            model_ref, trained = pull_wandb_model(model_ref, reporter.log)
         out = Path(args.out or "eval.json")
     if not (cfg.eval.heldout or cfg.eval.multiple_choice):
         raise DaytuneError(
@@ -349,6 +371,8 @@ def _cmd_eval_recipe(args, reporter) -> int:
     write_json_atomic(
         out, {"model": model_ref, "trained": str(trained) if trained else None, "results": results}
     )
+    if run is not None:
+        record_eval(run, cfg, results, out, model_ref, trained)  # lineage; W&B/MLflow when configured
     reporter.print(eval_table(results))
     reporter.print(f"Results: {out}")
     return 0
@@ -365,7 +389,7 @@ def _serve_parser(sub) -> None:
         "POST /process, /tokenize, /decode and GET /health. Concurrent requests are batched.",
     )
     src = sp.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run folder: serve its model with its adapter merged")
+    src.add_argument("--run", help="a run folder or run id: serve its model with its adapter merged")
     src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
     sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
     sp.add_argument("--run-id", help="the run id /health reports (with --model; --run sets it itself)")
@@ -422,7 +446,7 @@ def _cmd_serve(args, reporter) -> int:
     from daytune.serve.app import create_app
     from daytune.serve.model import ServeModel
     from daytune.serve.options import ServeOptions
-    from daytune.track import RunDir
+    from daytune.track.runs import resolve_run
 
     for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_new_tokens", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
@@ -438,7 +462,7 @@ def _cmd_serve(args, reporter) -> int:
 
         torch.set_num_threads(args.threads)
     if args.run:
-        run = RunDir.open(args.run)
+        run = resolve_run(args.run)
         if not run.trained.is_dir():
             raise DaytuneError(f"{run.path}: no adapter/ or model/ yet (the run has not saved a model)")
         cfg = load_run_config(run.path / "config.yaml")
@@ -504,6 +528,150 @@ def _cmd_submit(args, reporter) -> int:
         f"Submission folder: {out}\n  docker build -t my-submission {out} && docker run -p 8080:80 my-submission"
     )
     return 0
+
+
+def _runs_parser(sub) -> None:
+    sp = sub.add_parser(
+        "runs",
+        help="list, show, compare (HTML report) and diagnose recorded runs",
+        description="Runs are folders under ./runs (or --runs-dir, or $DAYTUNE_RUNS); a run is named by its folder "
+        "path or its id (the folder name, or any part of it that names one run).",
+    )
+    verbs = sp.add_subparsers(dest="runs_command", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "list", help="table: id, model, method, data fingerprint, time/budget, final loss, eval"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p = verbs.add_parser("show", help="one run: config, environment, results, lineage, doctor")
+    p.add_argument("run", help="run id or folder")
+    p = verbs.add_parser(
+        "compare", help="one self-contained HTML report: curves, throughput, memory, config diff, eval CIs"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or folders (one or more)")
+    p.add_argument("--out", required=True, help="the HTML file to write (e.g. report.html)")
+    p = verbs.add_parser("doctor", help="the utilization doctor's findings and recommendations for a run")
+    p.add_argument("run", help="run id or folder")
+    for p in verbs.choices.values():
+        p.add_argument("--runs-dir", help="where runs are (default: $DAYTUNE_RUNS or ./runs)")
+
+
+def _cmd_runs(args, reporter) -> int:
+    import json
+
+    from rich.table import Table
+
+    from daytune.track.doctor import diagnose, findings_json, format_findings
+    from daytune.track.runs import list_runs, resolve_run, run_facts, runs_root
+
+    if args.runs_command == "list":
+        root = runs_root(args.runs_dir)
+        facts = [run_facts(r) for r in list_runs(root)]
+        if args.json:
+            print(json.dumps(facts, indent=2))
+            return 0
+        if not facts:
+            reporter.print(f"No runs under {root}.")
+            return 0
+        columns = [
+            "id",
+            "model",
+            "method",
+            "data",
+            "time / budget",
+            "steps",
+            "final loss",
+            "eval (tuned, Δ base)",
+        ]
+        rows = []
+        for f in facts:
+            loss = "-" if f["final_loss"] is None else f"{f['final_loss']:.4f}"
+            model = (
+                Path(str(f["model"])).name if "/" in str(f["model"]) else str(f["model"])
+            )  # a folder: its name
+            rows.append(
+                [f["id"], model, f["method"], f["data"] or "-", f["duration"], f["steps"], loss, f["eval"]]
+            )
+        rows = [["-" if v is None else str(v) for v in row] for row in rows]
+        if not sys.stdout.isatty():  # piped: plain aligned columns, never cut to a terminal width
+            widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+            for r in [columns, *rows]:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            return 0
+        table = Table(title=f"runs in {root}")
+        for col in columns:
+            right = col in ("steps", "final loss")
+            table.add_column(col, justify="right" if right else "left", no_wrap=col != columns[-1])
+        for row in rows:
+            table.add_row(*row)
+        reporter.print(table)
+        return 0
+    if args.runs_command == "compare":
+        from daytune.track.report import write_report
+
+        runs = [resolve_run(r, args.runs_dir) for r in args.runs]
+        out = write_report(runs, args.out)
+        reporter.print(
+            f"Report: {out} ({len(runs)} run{'s' if len(runs) > 1 else ''}; opens offline in any browser)"
+        )
+        return 0
+    run = resolve_run(args.run, args.runs_dir)
+    if args.runs_command == "doctor":
+        from daytune.fileio import write_json_atomic
+
+        findings = diagnose(run)
+        if findings:
+            write_json_atomic(run.path / "doctor.json", findings_json(findings))
+        reporter.print(format_findings(findings), markup=False)
+        return 0
+    _show_run(run, reporter)
+    return 0
+
+
+def _show_run(run, reporter) -> None:
+    from rich.markup import escape
+
+    from daytune.track.doctor import Finding, diagnose, format_findings
+    from daytune.track.runs import run_facts
+
+    f = run_facts(run)
+    summary, lineage = run.read_summary(), run.read_json("lineage.json")
+    env, tracking = run.read_json("env.json"), run.read_json("tracking.json")
+    train = summary.get("train", {})
+    lines = [
+        f"[bold]{escape(f['id'])}[/bold]  ({f['status']})",
+        f"  folder     {run.path}",
+        f"  model      {f['model']}  method {f['method']}",
+        f"  data       {((lineage.get('dataset') or {}).get('train') or {}).get('path', '-')}  sha256 {f['data'] or '-'}",
+        f"  time       {f['duration']}  steps {f['steps']}  stopped by {train.get('stopped_by', '-')}",
+        f"  loss       final {f['final_loss']}  best val {train.get('best_val_loss')}",
+        f"  speed      {train.get('tokens_per_s', '-')} tokens/s  padding {train.get('padding_waste', '-')}",
+        f"  eval       {f['eval']}",
+        f"  device     {env.get('device_name', '-')}  torch {env.get('torch', '-')}  cuda {env.get('cuda')}",
+        f"  MFU peak   {tracking.get('peak_source', '-')}",
+    ]
+    command = (
+        (run.path / "command.txt").read_text(encoding="utf-8").splitlines()
+        if (run.path / "command.txt").is_file()
+        else []
+    )
+    if command:
+        lines.append(f"  command    {command[0]}")
+    for name, ref in tracking.get("backends", {}).items():
+        where = ref.get("url") or ref.get("dir") or ref.get("tracking_uri") or ""
+        lines.append(f"  {name:<10} {'FAILED: ' + ref['error'] if ref.get('error') else where}")
+    for out in lineage.get("outputs", []):
+        refs = ", ".join(f"{k}: {v}" for k, v in (out.get("artifacts") or {}).items())
+        lines.append(
+            f"  output     {out['path']}/ (step {out.get('step')})" + (f"  [{refs}]" if refs else "")
+        )
+    kept = [c for c in lineage.get("checkpoints", []) if (run.path / c["path"]).is_dir()]
+    lines.append(f"  checkpoints {len(lineage.get('checkpoints', []))} saved, {len(kept)} kept")
+    for ev in lineage.get("evaluations", []):
+        lines.append(f"  evaluated  {ev['time']} -> {ev['results']}")
+    reporter.print(lines[0] + "\n" + escape("\n".join(lines[1:])))  # paths and commands hold [brackets]
+    doctor = run.read_json("doctor.json")
+    findings = [Finding(**x) for x in doctor.get("findings", [])] if doctor else diagnose(run)
+    reporter.print(format_findings(findings), markup=False)
 
 
 def _cmd_data(args, reporter) -> int:
@@ -615,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": lambda: _cmd_export(args, reporter),
         "submit": lambda: _cmd_submit(args, reporter),
         "models": lambda: _cmd_models(args, reporter),
+        "runs": lambda: _cmd_runs(args, reporter),
         "data": lambda: _cmd_data(args, reporter),
     }
     try:

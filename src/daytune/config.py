@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed")
 TEMPLATES = ("chat", "alpaca")
 METHODS = ("lora", "dora", "qlora", "full", "freeze", "adapter", "prefix", "prompt", "ptuning", "ia3")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+TRACK_BACKENDS = ("wandb", "mlflow")
 
 
 @dataclass
@@ -138,12 +139,46 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline."""
+
+    project: str = "daytune"
+    entity: str | None = None  # your user or team; None: the key's default entity
+    mode: str = "auto"  # auto | online | offline ($WANDB_MODE overrides auto)
+    log_model: str = "final"  # final | all (every checkpoint too) | none: the model as W&B artifacts
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = (
+        None  # default: sqlite:///<out_dir>/mlflow.db; any MLflow URI (http://, databricks)
+    )
+    experiment: str = "daytune"
+    log_model: str = "final"  # final | all | none: the model folder as run artifacts
+
+
+@dataclass
+class TrackConfig:
+    """Where runs are recorded besides the run folder (always written); see daytune/track/."""
+
+    backends: list[str] = field(default_factory=list)  # any of: wandb, mlflow
+    system_every: float = 5.0  # seconds between system samples (CPU, RSS; GPU through NVML)
+    code_snapshot: bool = True  # copy daytune's source into the run folder (code/)
+    peak_tflops: float | None = (
+        None  # the device's peak for MFU; default: a datasheet table, or measured on CPU
+    )
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: str = "smollm2-135m"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     out_dir: str = "runs"  # relative to the current directory
 
     def validate(self) -> RunConfig:
@@ -163,6 +198,13 @@ class RunConfig:
                 "examples would not all see them; set packing: false (group_by_length: true also cuts padding)"
             )
         parse_duration(self.train.budget, "train.budget")
+        for i, backend in enumerate(self.track.backends):
+            _choice(f"track.backends[{i}]", backend, TRACK_BACKENDS)
+        _choice("track.wandb.mode", self.track.wandb.mode, ("auto", "online", "offline"))
+        _choice("track.wandb.log_model", self.track.wandb.log_model, ("final", "all", "none"))
+        _choice("track.mlflow.log_model", self.track.mlflow.log_model, ("final", "all", "none"))
+        if self.track.system_every <= 0:
+            raise ConfigError(f"track.system_every: must be positive seconds, got {self.track.system_every}")
         for name, value, low in [
             ("data.max_seq_len", self.data.max_seq_len, 8),
             ("train.micro_batch", self.train.micro_batch, 1),

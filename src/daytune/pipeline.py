@@ -161,8 +161,11 @@ def evaluate_pair(
 
 
 def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
+    from daytune.track import record_eval
+
     results = evaluate_pair(cfg, cfg.model, run.trained, reporter, suite_dir=run.path / "eval")
     run.update_summary(eval=results)
+    record_eval(run, cfg, results, None, cfg.model, run.trained)  # lineage; W&B/MLflow when configured
     return results
 
 

@@ -36,7 +36,8 @@ from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.models import load_tokenizer, resolve_model
 from daytune.progress import Reporter, budget_info
-from daytune.track import RunDir, peak_rss_mb
+from daytune.track import RunDir, Tracker, peak_rss_mb
+from daytune.track.doctor import format_findings
 from daytune.train import methods
 from daytune.train.checkpoint import (
     list_checkpoints,
@@ -224,6 +225,9 @@ def train(
         if is_main:
             run.truncate_metrics(step)
         reporter.print(f"Resumed from {resume} at step {step}/{max_steps}.")
+    tracker = Tracker(run, cfg, enabled=is_main).start(
+        unwrapped, accelerator.device, precision, world, data_info
+    )
     reporter.log(
         f"Training {cfg.model} ({tc.method}, {n_trainable:,} of {n_total:,} parameters) on {len(examples)} examples "
         f"({stats.truncated} truncated to {cfg.data.max_seq_len} tokens{', packed' if cfg.data.packing else ''}): "
@@ -266,10 +270,11 @@ def train(
             accelerator.wait_for_everyone()
         if is_main:
             weights = {k: v for k, v in full.items() if k in trainable_names} if full is not None else None
-            _, seconds = save_checkpoint(
+            saved_to, seconds = save_checkpoint(
                 unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints, rngs, weights
             )
             budget.record_save(seconds)
+            tracker.checkpoint(saved_to, step)
         accelerator.wait_for_everyone()
 
     def agree(*flags: bool) -> list[bool]:
@@ -309,10 +314,12 @@ def train(
             micro = [plan.get(first + j) for j in range(per_step)]  # every process's micro-batches, in order
             n_target = sum(targets[i] for mb in micro for row in mb for i in row)
             mine = micro[rank::world]
-            loss_sum, abandoned = 0.0, False
+            loss_sum, data_seconds, abandoned = 0.0, 0.0, False
             for j, mb in enumerate(mine):
+                t_data = time.perf_counter()  # building batches runs inline: the doctor reports its share
                 batch = make_batch(plan, examples, mb, tokenizer.pad_token_id)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "n_tokens"}
+                data_seconds += time.perf_counter() - t_data
                 sync = accelerator.no_sync(model) if j < len(mine) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss, _ = response_loss(model, batch)
@@ -367,6 +374,7 @@ def train(
                 "tokens_per_s": round(n_tokens / dt, 2),
                 "padding": round(1 - n_tokens / max(1, padded), 4),
                 "step_seconds": round(dt, 4),
+                "data_seconds": round(data_seconds, 4),
                 "elapsed": round(budget.elapsed(), 3),
                 "total_steps": total_steps,
                 "budget_left": None if budget.seconds is None else round(budget.remaining(), 3),
@@ -393,8 +401,8 @@ def train(
                 else:
                     bad_evals += 1
                 eval_seconds = time.perf_counter() - t_eval
-            if is_main:
-                run.log(record)
+            lengths = [len(examples[i].input_ids) for mb in micro for row in mb for i in row]
+            tracker.log(record, lengths)  # adds samples/s, FLOPs, MFU; writes metrics.jsonl; feeds W&B/MLflow
             bar.update(
                 step,
                 f"loss {last_loss:.3f}  {n_tokens / dt:.0f} tok/s  "
@@ -466,10 +474,13 @@ def train(
             train=asdict(result),
             finished=step >= max_steps or stopped_by == "early_stopping",
         )
+    findings = tracker.finish(asdict(result), out_dir)
     reporter.log(
         f"Trained {step}/{max_steps} steps in {result.elapsed_seconds:.0f}s (stopped by {stopped_by}), "
         f"{result.tokens_per_s:.0f} tok/s, padding {result.padding_waste:.0%}, final loss {result.final_loss}."
     )
+    if findings:
+        reporter.print(format_findings(findings), markup=False)
     return result
 
 
