@@ -184,3 +184,21 @@ def test_a_step_that_would_cross_the_deadline_is_abandoned(tiny_recipe, monkeypa
     assert result.stopped_by == "budget" and result.steps == 0  # a step needs 20 s: none could finish
     assert result.elapsed_seconds <= 15.0 * 1.01
     assert (run.adapter / "adapter_model.safetensors").is_file()
+
+
+def test_saved_files_and_folders_get_plain_permissions(tiny_recipe):
+    """Atomic writes go through private temporaries; what lands must carry the usual umask permissions."""
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        cfg = load_run_config(tiny_recipe(train={"max_steps": 1, "checkpoint_every": 1}))
+        run = new_run(cfg)
+        train(cfg, run)
+        for path in (run.path / "config.yaml", run.trained, run.trained / "adapter_config.json"):
+            want = 0o755 if path.is_dir() else 0o644
+            assert stat.S_IMODE(path.stat().st_mode) == want, path
+        (checkpoint,) = [p for p in run.checkpoints.iterdir() if p.is_dir()]
+        assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o755
+    finally:
+        os.umask(umask)

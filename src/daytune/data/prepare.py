@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from daytune.data.sources import SOURCES, check_provenance, licence_allows_comme
 from daytune.data.templates import render_segments
 from daytune.data.trainset import fingerprint_files
 from daytune.errors import ConfigError, DataError
-from daytune.fileio import replace_dir_atomic
+from daytune.fileio import replace_dir_atomic, temp_dir_beside
 
 STEPS = [
     "loaded",
@@ -436,10 +434,7 @@ def prepare(
 
     # ---- write --------------------------------------------------------------------------------------------
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+    tmp = temp_dir_beside(out)
     try:
         for name, data in (("train.jsonl", train_rows), ("val.jsonl", val_rows)):
             with open(tmp / name, "w", encoding="utf-8") as f:

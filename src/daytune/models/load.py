@@ -11,11 +11,11 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from daytune.errors import ModelError
+from daytune.fileio import temp_dir_beside
 from daytune.models.registry import KNOWN_MODELS, embedded_gguf
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -107,7 +107,7 @@ def gguf_to_hf(gguf: Path, *, log=print) -> Path:
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config.pad_token_id = tokenizer.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

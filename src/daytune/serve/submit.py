@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import daytune
 from daytune.errors import ConfigError, ModelError, RunError
-from daytune.fileio import replace_dir_atomic
+from daytune.fileio import replace_dir_atomic, temp_dir_beside
 
 # PyTorch comes from its own index in the image (pick the wheel for the judges' CUDA); these never go in
 # requirements.txt.
@@ -204,7 +203,7 @@ def write_submission(
     torch_version = torch.__version__.split("+")[0]
     weights = [p for p in adapter.iterdir() if p.is_file()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         shutil.copytree(
             Path(daytune.__file__).parent,

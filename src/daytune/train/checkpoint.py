@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from daytune.errors import RunError
-from daytune.fileio import replace_dir_atomic, write_json_atomic
+from daytune.fileio import replace_dir_atomic, temp_dir_beside, write_json_atomic
 from daytune.train.methods import load_trainable_state, trainable_state
 
 PREFIX = "step-"
@@ -79,7 +78,7 @@ def save_checkpoint(
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(state["step"])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    tmp = temp_dir_beside(final)
     try:
         write_weights(model, tmp, weights=weights)
         shards = sharded_optimizer_dir(folder, state["step"])

@@ -8,14 +8,13 @@ Prompt-learning adapters (prefix, prompt, ptuning, adapter) cannot be merged: th
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from daytune.config import load_run_config
 from daytune.errors import ConfigError, RunError
-from daytune.fileio import replace_dir_atomic
+from daytune.fileio import replace_dir_atomic, temp_dir_beside
 from daytune.models import load_tokenizer, resolve_model
 from daytune.track import RunDir
 from daytune.train.methods import MERGEABLE, load_trained
@@ -41,7 +40,7 @@ def export_run(
     is_adapter = (trained / "adapter_config.json").is_file()
     base = resolve_model(cfg.model, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         if is_adapter and not merge:
             shutil.copytree(trained, tmp, dirs_exist_ok=True)

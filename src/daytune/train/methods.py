@@ -15,14 +15,13 @@ ia3       (IA)^3 rescaling vectors (PEFT)          -> adapter/
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from daytune.config import TrainConfig
 from daytune.errors import ConfigError, ModelError
-from daytune.fileio import replace_dir_atomic
+from daytune.fileio import replace_dir_atomic, temp_dir_beside
 
 PEFT_METHODS = ("lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "ia3")
 MERGEABLE = ("lora", "dora", "qlora", "ia3")  # adapters that fold into the weights
@@ -234,7 +233,7 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) ->
 def save_final(model, tokenizer, method: str, folder: Path, state_dict: dict | None = None) -> Path:
     """Write the run's model atomically: a PEFT adapter folder, or a full HF model folder; tokenizer included.
     `state_dict`: full weights gathered from a sharded (FSDP/DeepSpeed) run."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         model.save_pretrained(
             tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
