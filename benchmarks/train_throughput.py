@@ -14,8 +14,9 @@ max_seq_len 512, 8 sequences per optimizer step, fp32 on CPU (bf16 on GPU), no g
 
 Each runner is its own process (its peak RSS is its own). Useful tokens = non-padding tokens. MFU = model FLOPs per
 useful token x tokens/s / the fp32 (bf16 on GPU) matmul peak measured at the start of this run. Model FLOPs per
-token: 2N forward + 2N backward through frozen weights (+2N weight gradients for full fine-tuning), N = parameters
-in matmuls (embedding lookup excluded, output layer included), plus attention. Writes JSON to benchmarks/results/.
+token (daytune.track.flops, the count the run store logs): 2N forward + 2N backward through frozen weights (+2N
+weight gradients for full fine-tuning), N = parameters in matmuls (embedding lookup excluded, output layer
+included), plus attention forward and backward. Writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -47,8 +48,16 @@ def model_path(device: str) -> Path:
 
     folder = Path(tempfile.gettempdir()) / "daytune-bench-llama-1b"
     if not (folder / "config.json").is_file():
-        cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                          num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=49152,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
         LlamaForCausalLM(cfg).save_pretrained(folder)
         tok_src = resolve_model("smollm2-135m", log=lambda *a: None)
         AutoTokenizer.from_pretrained(tok_src).save_pretrained(folder)
@@ -72,17 +81,6 @@ def matmul_peak_gflops(device: str, dtype_name: str) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def flops_per_token(config, full: bool, seq: int) -> float:
-    """Model FLOPs per trained token (see the module docstring)."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * config.intermediate_size  # q,o + k,v + gate,up,down
-    n = layers * per_layer + h * config.vocab_size
-    attention = 2 * 2 * layers * seq * h / 2  # QK^T and AV, causal: half the square on average
-    forward = 2 * n + attention
-    return forward * (3 if full else 2)
-
-
 def records():
     from daytune.data import read_instructions
 
@@ -99,7 +97,12 @@ def run_daytune(full: bool, device: str, steps: int, warmup: int) -> dict:
     cfg.data.train, cfg.data.max_seq_len, cfg.data.packing = str(DATA), SEQ, True
     tc = cfg.train
     tc.method = "full" if full else "lora"
-    tc.lora.r, tc.lora.alpha, tc.lora.dropout, tc.lora.targets = LORA["r"], LORA["alpha"], LORA["dropout"], LORA["targets"]
+    tc.lora.r, tc.lora.alpha, tc.lora.dropout, tc.lora.targets = (
+        LORA["r"],
+        LORA["alpha"],
+        LORA["dropout"],
+        LORA["targets"],
+    )
     tc.micro_batch, tc.grad_accum = 2, 2  # 2 packed rows of 512 ~ 4-5 examples each micro-batch: ~8 per step
     tc.max_steps, tc.warmup_steps, tc.checkpoint_every = steps + warmup, 1, 10_000
     tc.precision = "32-true" if device == "cpu" else "bf16-true"
@@ -108,8 +111,12 @@ def run_daytune(full: bool, device: str, steps: int, warmup: int) -> dict:
         run = RunDir.create(tmp, "bench")
         train(cfg, run)
         metrics = run.read_metrics()[warmup:]
-    return {"tokens": sum(m["tokens"] for m in metrics), "seconds": sum(m["step_seconds"] for m in metrics),
-            "steps": len(metrics), "padding": sum(m["padding"] for m in metrics) / len(metrics)}
+    return {
+        "tokens": sum(m["tokens"] for m in metrics),
+        "seconds": sum(m["step_seconds"] for m in metrics),
+        "steps": len(metrics),
+        "padding": sum(m["padding"] for m in metrics) / len(metrics),
+    }
 
 
 def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int) -> dict:
@@ -121,12 +128,26 @@ def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int) -> 
 
     path = model_path(device)
     tok = AutoTokenizer.from_pretrained(path)
-    rows = [{"prompt": [{"role": "user", "content": r["instruction"]}],
-             "completion": [{"role": "assistant", "content": r["output"]}]} for r in records()]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["instruction"]}],
+            "completion": [{"role": "assistant", "content": r["output"]}],
+        }
+        for r in records()
+    ]
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    peft_config = None if full else LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                               target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = (
+        None
+        if full
+        else LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    )
     timings, tokens = [], []
 
     class Timer(TrainerCallback):
@@ -142,13 +163,31 @@ def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int) -> 
 
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
-            output_dir=tmp, max_length=SEQ, packing=packing, per_device_train_batch_size=2 if packing else 4,
-            gradient_accumulation_steps=2, max_steps=steps + warmup, learning_rate=2e-4, warmup_steps=1,
-            logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=device == "cpu", bf16=device != "cpu",
-            gradient_checkpointing=False, disable_tqdm=True, seed=42,
+            output_dir=tmp,
+            max_length=SEQ,
+            packing=packing,
+            per_device_train_batch_size=2 if packing else 4,
+            gradient_accumulation_steps=2,
+            max_steps=steps + warmup,
+            learning_rate=2e-4,
+            warmup_steps=1,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=device == "cpu",
+            bf16=device != "cpu",
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            seed=42,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                             peft_config=peft_config, callbacks=[Timer()])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[Timer()],
+        )
         collate = trainer.data_collator
 
         def counting(batch):
@@ -160,7 +199,11 @@ def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int) -> 
         trainer.data_collator = counting
         trainer.train()
     per_step = [sum(tokens[i * 2 : i * 2 + 2]) for i in range(len(timings))]
-    return {"tokens": sum(per_step[warmup:]), "seconds": sum(timings[warmup:]), "steps": len(timings) - warmup}
+    return {
+        "tokens": sum(per_step[warmup:]),
+        "seconds": sum(timings[warmup:]),
+        "steps": len(timings) - warmup,
+    }
 
 
 def child(runner: str, device: str, steps: int, warmup: int) -> None:
@@ -195,16 +238,33 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
+    from daytune.track.flops import flops_per_token
+
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     peak = matmul_peak_gflops(args.device, dtype)
     config = AutoConfig.from_pretrained(model_path(args.device))
     print(f"matmul peak ({dtype}, {args.device}): {peak:.1f} GFLOP/s", flush=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               TQDM_DISABLE="1")
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TQDM_DISABLE="1",
+    )
     rows = []
     for runner in args.runners.split(","):
-        cmd = [sys.executable, __file__, "--child", runner, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            runner,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not line:
@@ -213,11 +273,18 @@ def main() -> None:
         r = json.loads(line[-1][7:])
         full = runner.endswith("full")
         tps = r["tokens"] / r["seconds"]
-        r.update(runner=runner, tokens_per_s=round(tps, 2), step_seconds=round(r["seconds"] / max(1, r["steps"]), 3),
-                 mfu=round(tps * flops_per_token(config, full, SEQ) / (peak * 1e9), 4))
+        r.update(
+            runner=runner,
+            tokens_per_s=round(tps, 2),
+            step_seconds=round(r["seconds"] / max(1, r["steps"]), 3),
+            mfu=round(tps * flops_per_token(config, full, SEQ) / (peak * 1e9), 4),
+        )
         rows.append(r)
-        print(f"{runner:15s} {tps:8.1f} useful tok/s  step {r['step_seconds']:6.2f}s  MFU {r['mfu']:6.1%}  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+        print(
+            f"{runner:15s} {tps:8.1f} useful tok/s  step {r['step_seconds']:6.2f}s  MFU {r['mfu']:6.1%}  "
+            f"peak RSS {r['peak_rss_mb']:6.0f} MB",
+            flush=True,
+        )
     by = {r["runner"]: r for r in rows}
 
     def ratio(a, b, key="tokens_per_s"):
@@ -229,7 +296,12 @@ def main() -> None:
         "lora_rss_ratio": ratio("daytune-lora", "trl-sft", "peak_rss_mb"),
         "full_speedup": ratio("daytune-full", "trainer-full"),
         "full_rss_ratio": ratio("daytune-full", "trainer-full", "peak_rss_mb"),
-        "targets": {"lora_speedup": 1.5, "lora_speedup_vs_packed": 1.1, "lora_rss_ratio": 0.8, "full_speedup": 1.3},
+        "targets": {
+            "lora_speedup": 1.5,
+            "lora_speedup_vs_packed": 1.1,
+            "lora_rss_ratio": 0.8,
+            "full_speedup": 1.3,
+        },
     }
     for k, v in summary.items():
         if k != "targets":
@@ -237,11 +309,22 @@ def main() -> None:
     report = {
         "benchmark": "train_throughput",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": args.device, "threads": torch.get_num_threads()},
-        "settings": {"model": str(model_path(args.device).name), "lora": LORA, "max_seq_len": SEQ,
-                     "sequences_per_step": SEQS_PER_STEP, "timed_steps": args.steps, "warmup_steps": args.warmup,
-                     "matmul_peak_gflops": round(peak, 1)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "model": str(model_path(args.device).name),
+            "lora": LORA,
+            "max_seq_len": SEQ,
+            "sequences_per_step": SEQS_PER_STEP,
+            "timed_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "matmul_peak_gflops": round(peak, 1),
+        },
         "rows": rows,
         "summary": summary,
     }

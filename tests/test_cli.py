@@ -74,7 +74,9 @@ def test_train_resume_auto_and_eval(capsys, tiny_recipe, tmp_path):
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    code, out, err = run_cli(capsys, "--quiet", "eval", "--run", str(run))
+    code, out, err = run_cli(
+        capsys, "--quiet", "eval", "--run", str(run), "--recipe", str(run / "config.yaml")
+    )
     assert code == 0, err
     results = json.loads((run / "eval.json").read_text())["results"]
     assert {"base", "tuned"} <= set(results)

@@ -106,15 +106,33 @@ def test_quickstart_recipe_loads():
 
     cfg = load_run_config(EXAMPLES / "quickstart.yaml")
     assert cfg.train.budget == "3m" and cfg.model == "smollm2-135m"
-    assert cfg.data.train.endswith("gsm8k_train.jsonl")
+    assert cfg.data.train is None and cfg.data.prepare.endswith("quickstart-data.yaml")
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in __import__("conftest").EXAMPLES.glob("*.yaml")))
+def _examples(kind: str) -> list[str]:
+    """Run recipes, or data recipes (those with `sources:`), in examples/."""
+    import yaml
+
+    paths = sorted(__import__("conftest").EXAMPLES.glob("*.yaml"))
+    is_data = {p.name: "sources" in (yaml.safe_load(p.read_text()) or {}) for p in paths}
+    return [name for name, data in is_data.items() if data == (kind == "data")]
+
+
+@pytest.mark.parametrize("recipe", _examples("run"))
 def test_example_recipes_validate(recipe):
     from conftest import EXAMPLES
 
     cfg = load_run_config(EXAMPLES / recipe)
-    assert cfg.data.train and cfg.train.method
+    assert (cfg.data.train or cfg.data.prepare) and cfg.train.method
+
+
+@pytest.mark.parametrize("recipe", _examples("data"))
+def test_example_data_recipes_validate(recipe):
+    from conftest import EXAMPLES
+
+    from daytune.data.recipe import load_data_recipe
+
+    assert load_data_recipe(EXAMPLES / recipe).sources
 
 
 def test_interval_parsing():

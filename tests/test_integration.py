@@ -45,7 +45,7 @@ def test_quickstart_with_a_30s_budget(tmp_path):
             "--set",
             "eval.heldout_rows=10",
             "--set",
-            "eval.multiple_choice_rows=20",
+            "eval.max_instances=1",
         ],
         capture_output=True,
         text=True,
@@ -59,9 +59,19 @@ def test_quickstart_with_a_30s_budget(tmp_path):
     assert train["elapsed_seconds"] <= 30
     for side in ("base", "tuned"):
         assert summary["eval"][side]["heldout"]["rows"] == 10
-        assert summary["eval"][side]["multiple_choice"]["n"] == 20
+        suite = summary["eval"][side]["suite"]["scenarios"]
+        assert suite["mmlu"]["n"] == 5 and suite["gsm8k"]["n"] == 1  # the quick suite, one instance each
+        assert (run / "eval" / "quick" / side / "results.json").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert f"daytune serve --run {run}" in out.stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "daytune", "runs", "list", "--json", "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+    )
+    (row,) = json.loads(listed.stdout)  # the run appears in `runs list`, evaluated, with its data fingerprint
+    assert row["id"] == run.name and row["model"] == "smollm2-135m" and row["eval"].startswith("mmlu ")
+    assert len(row["data"]) == 12 and (run / "doctor.json").is_file() and (run / "system.jsonl").is_file()
 
 
 def test_server_echo_logprobs_equal_a_direct_forward(smollm2_dir):

@@ -193,3 +193,16 @@ def test_generated_text_keeps_a_leading_space_in_context(server):
     ids = server.tokenizer(" sold clips to her friends", add_special_tokens=False)["input_ids"]
     texts = token_texts(server.tokenizer, ids[2:], context=ids[:2])
     assert "".join(texts) == server.tokenizer.decode(ids)[len(server.tokenizer.decode(ids[:2])) :]
+
+
+def test_unmergeable_adapters_are_refused_clearly(tiny_recipe):
+    from daytune.config import load_run_config
+    from daytune.errors import ModelError
+    from daytune.train.loop import train
+    from test_train import new_run
+
+    cfg = load_run_config(tiny_recipe(train={"method": "prompt", "max_steps": 1}))
+    run = new_run(cfg)
+    train(cfg, run)
+    with pytest.raises(ModelError, match="cannot be merged"):
+        ServeModel(cfg.model, run.trained, device="cpu", log=lambda *a: None)

@@ -162,3 +162,25 @@ def test_run_folders_are_never_reused(tmp_path):
     a = RunDir.create(tmp_path, "x")
     b = RunDir.create(tmp_path, "x")
     assert a.path != b.path and a.path.is_dir() and b.path.is_dir()
+
+
+def test_a_step_that_would_cross_the_deadline_is_abandoned(tiny_recipe, monkeypatch):
+    """Micro-batches that turn slow mid-run: the loop drops the unfinished step instead of overrunning."""
+    import time as _time
+
+    import daytune.train.loop as loop
+
+    real = loop.response_loss
+
+    def slow_when_training(model, batch):
+        if torch.is_grad_enabled():
+            _time.sleep(0.5)
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "response_loss", slow_when_training)
+    cfg = load_run_config(tiny_recipe(train={"max_steps": 10, "grad_accum": 40, "budget": "15s"}))
+    run = new_run(cfg)
+    result = train(cfg, run)
+    assert result.stopped_by == "budget" and result.steps == 0  # a step needs 20 s: none could finish
+    assert result.elapsed_seconds <= 15.0 * 1.01
+    assert (run.adapter / "adapter_model.safetensors").is_file()

@@ -63,6 +63,7 @@ class Budget:
     spent_before: float = 0.0  # time used by earlier attempts of a resumed run
     save_reserve: float = 1.0  # seconds kept back for the final save, updated from measured saves
     safety: float = 1.5  # the next step may take this much longer than the slowest recent step
+    prior_step: float = 0.0  # before any step was measured: one micro-batch (the first step is guarded per micro-batch)
     _step_times: list[float] = field(default_factory=list)
 
     def elapsed(self) -> float:
@@ -91,7 +92,7 @@ class Budget:
         return max(0, int(fit / max(1e-9, self.mean_step()))) + 1
 
     def next_step_estimate(self) -> float:
-        return max(self._step_times) * self.safety if self._step_times else 0.0
+        return (max(self._step_times) if self._step_times else self.prior_step) * self.safety
 
     def should_stop(self) -> bool:
         remaining = self.remaining()

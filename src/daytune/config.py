@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed")
 TEMPLATES = ("chat", "alpaca")
 METHODS = ("lora", "dora", "qlora", "full", "freeze", "adapter", "prefix", "prompt", "ptuning", "ia3")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+TRACK_BACKENDS = ("wandb", "mlflow")
 
 
 @dataclass
@@ -76,10 +77,12 @@ class FreezeConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # JSONL with instruction, optional input, output
+    train: str | None = None  # JSONL (instruction/input/output, messages or text) or a `data prepare` folder
     val: str | None = None  # validation JSONL; default: none, or a val_fraction split of train
     val_fraction: float = 0.0  # hold out this fraction of train for validation when `val` is not given
     val_rows: int | None = 200  # validation rows used (None: all)
+    prepare: str | None = None  # a data recipe: `daytune run` prepares it into <run>/data and trains on that
+    fingerprint: str | None = None  # the data's fingerprint; training refuses data that does not match
     template: str = "chat"  # "chat" (the model's chat template) or "alpaca"
     max_seq_len: int = 512
     max_rows: int | None = None  # use only the first N training rows
@@ -131,6 +134,43 @@ class EvalConfig:
     multiple_choice_rows: int = 100
     batch_size: int = 8
     base: bool = True  # also evaluate the base model, for a base-vs-tuned table
+    suite: str | None = None  # an evaluation suite (quick, competition-open, full): HELM-style scenarios
+    scenarios: list[str] | None = None  # only these scenarios of the suite
+    max_instances: int | None = None  # cap every scenario's instances (MMLU: per subject)
+    data_root: str | None = None  # datasets folder for the suite (default: the suite's own)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases: online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline."""
+
+    project: str = "daytune"
+    entity: str | None = None  # your user or team; None: the key's default entity
+    mode: str = "auto"  # auto | online | offline ($WANDB_MODE overrides auto)
+    log_model: str = "final"  # final | all (every checkpoint too) | none: the model as W&B artifacts
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = (
+        None  # default: sqlite:///<out_dir>/mlflow.db; any MLflow URI (http://, databricks)
+    )
+    experiment: str = "daytune"
+    log_model: str = "final"  # final | all | none: the model folder as run artifacts
+
+
+@dataclass
+class TrackConfig:
+    """Where runs are recorded besides the run folder (always written); see daytune/track/."""
+
+    backends: list[str] = field(default_factory=list)  # any of: wandb, mlflow
+    system_every: float = 5.0  # seconds between system samples (CPU, RSS; GPU through NVML)
+    code_snapshot: bool = True  # copy daytune's source into the run folder (code/)
+    peak_tflops: float | None = (
+        None  # the device's peak for MFU; default: a datasheet table, or measured on CPU
+    )
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -140,6 +180,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     out_dir: str = "runs"  # relative to the current directory
 
     def validate(self) -> RunConfig:
@@ -160,6 +201,13 @@ class RunConfig:
             )
         parse_duration(self.train.budget, "train.budget")
         _validate_batch(self.train)
+        for i, backend in enumerate(self.track.backends):
+            _choice(f"track.backends[{i}]", backend, TRACK_BACKENDS)
+        _choice("track.wandb.mode", self.track.wandb.mode, ("auto", "online", "offline"))
+        _choice("track.wandb.log_model", self.track.wandb.log_model, ("final", "all", "none"))
+        _choice("track.mlflow.log_model", self.track.mlflow.log_model, ("final", "all", "none"))
+        if self.track.system_every <= 0:
+            raise ConfigError(f"track.system_every: must be positive seconds, got {self.track.system_every}")
         for name, value, low in [
             ("data.max_seq_len", self.data.max_seq_len, 8),
             ("train.grad_accum", self.train.grad_accum, 1),
@@ -325,7 +373,14 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-_PATH_FIELDS = [("data", "train"), ("data", "val"), ("eval", "heldout"), ("eval", "multiple_choice")]
+_PATH_FIELDS = [
+    ("data", "train"),
+    ("data", "val"),
+    ("data", "prepare"),
+    ("eval", "heldout"),
+    ("eval", "multiple_choice"),
+    ("eval", "data_root"),
+]
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -1,4 +1,9 @@
-"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder."""
+"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder.
+
+With `data.prepare` (a data recipe), the data stage builds the dataset into `<run>/data/` first, decontaminated
+also against the run's own eval files, and the run trains on it; config.yaml then records the prepared folder and
+its fingerprint, so a resume trains on exactly the same rows.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from pathlib import Path
 from rich.table import Table
 
 from daytune.config import RunConfig, dump_yaml, load_run_config
-from daytune.errors import RunError
+from daytune.errors import ConfigError, RunError
+from daytune.fileio import write_text_atomic
 from daytune.progress import Reporter
 from daytune.track import RunDir
 from daytune.train.loop import find_resume_checkpoint, train
@@ -19,7 +25,9 @@ def start_or_resume(
 ) -> tuple[RunConfig, RunDir, Path | None]:
     """A new run folder, or (with --resume) the existing one and its newest checkpoint."""
     if resume is None:
-        return cfg, _new_run(cfg, argv), None
+        run = _new_run(cfg, argv)
+        prepare_run_data(cfg, run, reporter)
+        return cfg, run, None
     if resume == "auto":
         if cfg is None:
             raise RunError("--resume auto needs the recipe, to know which runs to look at")
@@ -30,6 +38,54 @@ def start_or_resume(
     run.note_resume(argv)
     saved.out_dir = str(run.path.parent)
     return saved, run, find_resume_checkpoint(run)
+
+
+def prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
+    """The data stage of a new run: prepare `data.prepare` into <run>/data (if set), then pin the training
+    data's fingerprint in config.yaml. Under a multi-process launch the main process does it and tells the
+    others where the data is."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _prepare_run_data(cfg, run, reporter)
+        return
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    holder = [None]
+    if PartialState().is_main_process:
+        _prepare_run_data(cfg, run, reporter)
+        holder = [(cfg.data.train, cfg.data.fingerprint)]
+    broadcast_object_list(holder, from_process=0)
+    cfg.data.train, cfg.data.fingerprint = holder[0]
+
+
+def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
+    from daytune.data.trainset import dataset_fingerprint
+
+    if cfg.data.prepare:
+        if cfg.data.train:
+            raise ConfigError(
+                "data: set either data.train (a JSONL or prepared folder) or data.prepare, not both"
+            )
+        from daytune.data.prepare import prepare
+        from daytune.data.recipe import load_data_recipe
+
+        recipe = load_data_recipe(cfg.data.prepare)
+        # the run's model, template and length decide tokens and filters, so they apply to the data stage too
+        recipe.model, recipe.template = cfg.model, cfg.data.template
+        recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
+        evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
+        reporter.log(f"Preparing data from {cfg.data.prepare}...")
+        card = prepare(
+            recipe, run.path / "data", reporter=reporter, extra_eval_files=evals, recipe_file=cfg.data.prepare
+        )
+        for w in card["warnings"]:
+            reporter.log(f"data warning: {w}")
+        cfg.data.train = str(run.path / "data")
+    if cfg.data.train and Path(cfg.data.train).exists() and not cfg.data.fingerprint:
+        cfg.data.fingerprint = dataset_fingerprint(cfg.data.train)
+    write_text_atomic(run.path / "config.yaml", dump_yaml(cfg))
 
 
 def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
@@ -71,9 +127,12 @@ def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
     raise RunError(f"--resume auto: no unfinished run named '{name}' with a checkpoint under {out_dir}")
 
 
-def evaluate_pair(cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter) -> dict:
+def evaluate_pair(
+    cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter, suite_dir: Path | None = None
+) -> dict:
     """Evaluate the base model (unless eval.base is false) and, given a trained adapter or model folder, the tuned
-    one, loaded back from disk (which also proves it loads)."""
+    one, loaded back from disk (which also proves it loads). With `suite_dir`, the recipe's evaluation suite
+    (eval.suite) runs too and writes its results under `suite_dir/<suite>/{base,tuned}/`."""
     import torch
 
     from daytune.eval import evaluate
@@ -86,18 +145,51 @@ def evaluate_pair(cfg: RunConfig, model_ref: str, trained: Path | None, reporter
     with torch.no_grad():
         if trained is None or cfg.eval.base:
             reporter.log("Evaluating the base model...")
-            results["base"] = evaluate(load_model(path), tokenizer, cfg.eval, cfg.data)
+            base = load_model(path)
+            results["base"] = evaluate(base, tokenizer, cfg.eval, cfg.data)
+            if cfg.eval.suite and suite_dir is not None:
+                results["base"]["suite"] = _suite(cfg, base, tokenizer, "base", suite_dir, reporter)
+            del base
             gc.collect()
         if trained is not None:
             reporter.log("Evaluating the tuned model...")
-            results["tuned"] = evaluate(load_trained(path, trained), tokenizer, cfg.eval, cfg.data)
+            tuned = load_trained(path, trained)
+            results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
+            if cfg.eval.suite and suite_dir is not None:
+                results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)
     return results
 
 
 def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
-    results = evaluate_pair(cfg, cfg.model, run.trained, reporter)
+    from daytune.track import record_eval
+
+    results = evaluate_pair(cfg, cfg.model, run.trained, reporter, suite_dir=run.path / "eval")
     run.update_summary(eval=results)
+    record_eval(run, cfg, results, None, cfg.model, run.trained)  # lineage; W&B/MLflow when configured
     return results
+
+
+def _suite(cfg: RunConfig, model, tokenizer, label: str, suite_dir: Path, reporter: Reporter) -> dict:
+    """Run the recipe's evaluation suite; full results go to <suite_dir>/<suite>/<label>/, the summary keeps each
+    scenario's metrics with their 95% CIs."""
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.report import write_results
+    from daytune.eval.suites import run_suite
+
+    lm = LocalLM(model, tokenizer, name=f"{cfg.model} ({label})", batch_size=cfg.eval.batch_size)
+    res = run_suite(
+        lm, cfg.eval.suite, cfg.eval.data_root, cfg.eval.scenarios, cfg.eval.max_instances, log=reporter.log
+    )
+    res["title"] = label
+    write_results(res, suite_dir / cfg.eval.suite / label)
+    return {
+        "name": cfg.eval.suite,
+        "seconds": res["seconds"],
+        "scenarios": {
+            name: {"n": sc["n"], "main_metric": sc["main_metric"], "metrics": sc["metrics"]}
+            for name, sc in res["scenarios"].items()
+        },
+    }
 
 
 def eval_table(results: dict) -> Table:
@@ -121,6 +213,14 @@ def eval_table(results: dict) -> Table:
         if len(cols) == 2 and None not in values:
             cells.append(f"{values[1] - values[0]:+.4f}")
         table.add_row(label, *cells)
+    suites = [results[c].get("suite", {}).get("scenarios", {}) for c in cols]
+    for name in suites[-1] if suites else []:
+        metric = suites[-1][name]["main_metric"]
+        values = [s.get(name, {}).get("metrics", {}).get(metric, {}).get("value") for s in suites]
+        cells = ["-" if v is None else f"{v:.4f}" for v in values]
+        if len(cols) == 2 and None not in values:
+            cells.append(f"{values[1] - values[0]:+.4f}")
+        table.add_row(f"{name}: {metric}", *cells)
     return table
 
 
@@ -131,11 +231,16 @@ def run_recipe(
     resume: str | None = None,
     overrides: list[str] = (),
 ) -> RunDir:
+    if cfg is not None and cfg.eval.suite:
+        from daytune.eval.suites import suite_plan
+
+        # a bad suite or scenario name fails before training
+        suite_plan(cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
     train(cfg, run, reporter, resume=checkpoint)
     gc.collect()
-    if cfg.eval.heldout or cfg.eval.multiple_choice:
+    if cfg.eval.heldout or cfg.eval.multiple_choice or cfg.eval.suite:
         results = evaluate_run(cfg, run, reporter)
         reporter.print(eval_table(results))
     reporter.print(f"\nRun folder: [bold]{run.path}[/bold]")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from daytune.data.records import text_field
 from daytune.errors import DataError
 
 
@@ -36,18 +37,6 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int
             yield lineno, obj
 
 
-def _text_field(path: Path, lineno: int, obj: dict, key: str, required: bool) -> str:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            keys = ", ".join(sorted(obj)) or "none"
-            raise DataError(f"{path}:{lineno}: missing field '{key}' (fields present: {keys})")
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{path}:{lineno}: field '{key}' must be a string, got {type(value).__name__}")
-    return value
-
-
 def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
     """Instruction records: `instruction` and `output` required, `input` optional."""
     path = Path(path)
@@ -55,9 +44,9 @@ def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[s
     for lineno, obj in read_jsonl(path, limit):
         rows.append(
             {
-                "instruction": _text_field(path, lineno, obj, "instruction", True),
-                "input": _text_field(path, lineno, obj, "input", False),
-                "output": _text_field(path, lineno, obj, "output", True),
+                "instruction": text_field(obj, "instruction", f"{path}:{lineno}", True),
+                "input": text_field(obj, "input", f"{path}:{lineno}", False),
+                "output": text_field(obj, "output", f"{path}:{lineno}", True),
             }
         )
     if not rows:
@@ -70,7 +59,7 @@ def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[dic
     path = Path(path)
     rows = []
     for lineno, obj in read_jsonl(path, limit):
-        question = _text_field(path, lineno, obj, "question", True)
+        question = text_field(obj, "question", f"{path}:{lineno}", True)
         choices = obj.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise DataError(f"{path}:{lineno}: 'choices' must be a list of at least two strings")
@@ -84,4 +73,17 @@ def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[dic
         )
     if not rows:
         raise DataError(f"{path}: no records (expected JSON lines with 'question', 'choices', 'answer')")
+    return rows
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Training records in daytune's schema: instruction/input/output, multi-turn `messages`, or `text`."""
+    from daytune.data.records import parse_record
+
+    path = Path(path)
+    rows = [parse_record(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path, limit)]
+    if not rows:
+        raise DataError(
+            f"{path}: no records (expected JSON lines with 'instruction' and 'output', 'messages', or 'text')"
+        )
     return rows

@@ -1,4 +1,7 @@
-"""Prompt templates. `render` splits a record into the prompt (masked from the loss) and the response (trained)."""
+"""Prompt templates. `render_segments` splits a record into the spans the model sees, each marked trained or
+masked: for a single-turn record the prompt (masked) and the response (trained); for a conversation every
+assistant turn is trained and everything else (system, user turns, the template's role markers) is masked; plain
+text is trained whole."""
 
 from __future__ import annotations
 
@@ -53,3 +56,65 @@ def render(
             "data.template: the chat template renders the prompt differently with and without the answer"
         )
     return prompt, full[len(prompt) :]
+
+
+def _chat_messages(record: dict, system_prompt: str | None) -> list[dict[str, str]]:
+    messages = list(record["messages"])
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str, bool]]:
+    """Render the conversation one assistant turn at a time; each turn is what the longer rendering adds."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.template: this model's tokenizer has no chat template; use template: alpaca")
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ConfigError(
+                "data.template: the chat template renders earlier turns differently once later turns are added "
+                "(for example it drops or rewrites past turns), so the loss mask cannot be placed; train "
+                "multi-turn data with a prefix-consistent template or template: alpaca"
+            )
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return [(text, trained) for text, trained in segments if text]
+
+
+def _alpaca_chat_segments(messages: list[dict[str, str]], eos: str) -> list[tuple[str, bool]]:
+    """Alpaca for conversations: the system message (or Alpaca's header) once, then Instruction/Response pairs."""
+    header = ALPACA_NO_INPUT.split("\n\n### Instruction:")[0]
+    if messages[0]["role"] == "system":
+        header, messages = messages[0]["content"], messages[1:]
+    segments: list[tuple[str, bool]] = []
+    pending = header + "\n\n"
+    for m in messages:
+        if m["role"] == "user":
+            pending += f"### Instruction:\n{m['content']}\n\n### Response:\n"
+        else:
+            segments += [(pending, False), (m["content"] + eos, True)]
+            pending = "\n\n"
+    return [(text, trained) for text, trained in segments if text]
+
+
+def render_segments(
+    record: dict, tokenizer, template: str, system_prompt: str | None = None
+) -> list[tuple[str, bool]]:
+    """[(text, trained)] whose concatenation is exactly the training text of `record`."""
+    if "text" in record:
+        return [(record["text"] + (tokenizer.eos_token or ""), True)]
+    if record.get("messages"):
+        messages = _chat_messages(record, system_prompt)
+        if template == "chat":
+            return _chat_segments(messages, tokenizer)
+        if template == "alpaca":
+            return _alpaca_chat_segments(messages, tokenizer.eos_token or "")
+        raise ConfigError(f"data.template: unknown template {template!r} (use chat or alpaca)")
+    prompt, response = render(record, tokenizer, template, system_prompt)
+    return [(prompt, False), (response, True)]

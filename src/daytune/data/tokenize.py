@@ -1,10 +1,12 @@
-"""Tokenization with loss masking: labels are -100 on prompt tokens, so only the response is trained."""
+"""Tokenization with loss masking: labels are -100 on prompt tokens (and on every non-assistant turn of a
+conversation), so only responses are trained. Each rendered span is tokenized on its own, so the mask boundary is
+exact whatever the tokenizer would merge across it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daytune.data.templates import render
+from daytune.data.templates import render_segments
 
 IGNORE_INDEX = -100
 
@@ -29,17 +31,17 @@ class EncodeStats:
 
 def encode_record(record, tokenizer, template: str, system_prompt: str | None = None) -> Example:
     """The whole rendered record, untruncated."""
-    prompt, response = render(record, tokenizer, template, system_prompt)
-    # Tokenize the two halves apart: the mask boundary is then exact whatever the tokenizer merges.
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    bos = (
+    segments = render_segments(record, tokenizer, template, system_prompt)
+    pieces = tokenizer([text for text, _ in segments], add_special_tokens=False)["input_ids"]
+    ids = (
         [tokenizer.bos_token_id]
         if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
         else []
     )
-    ids = bos + prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + response_ids
+    labels = [IGNORE_INDEX] * len(ids)
+    for (_, trained), piece in zip(segments, pieces):
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return Example(ids, labels)
 
 

@@ -1,4 +1,5 @@
-"""Evaluation: held-out loss and multiple-choice accuracy by log-likelihood (deepened in the eval suite)."""
+"""Evaluation: held-out loss and multiple-choice accuracy (`basic.py`), and the HELM-style suite: `lm.py`, `scenarios/`,
+`metrics.py`, `perturbations.py`, `suites.py`, `report.py`, `harness.py` (see docs/eval.md)."""
 
 from daytune.eval.basic import evaluate, heldout_loss, multiple_choice_accuracy
 

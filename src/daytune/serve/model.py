@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daytune.engine import Sampling
-from daytune.errors import DaytuneError
+from daytune.errors import DaytuneError, ModelError
 from daytune.models import load_model, load_tokenizer, resolve_model
 from daytune.serve.scheduler import Sequence, seeded
 from daytune.serve.schemas import Completion, ProcessRequest, Token
@@ -138,6 +138,14 @@ class ServeModel:
         self.tokenizer = load_tokenizer(path)
         # an adapter is merged into the weights where its method allows: no adapter cost per token
         model = load_trained(path, Path(self.adapter), merge=True) if self.adapter else load_model(path)
+        if hasattr(
+            model, "peft_config"
+        ):  # still a PeftModel: the method adds virtual tokens or attention paths
+            raise ModelError(
+                f"{self.adapter}: this adapter's method (prefix, prompt, ptuning or adapter) cannot be merged into "
+                "the weights, and the batched server decodes plain models only; serve a lora, dora, qlora, ia3, "
+                "full or freeze run"
+            )
         self.model = model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         eos = self.model.generation_config.eos_token_id

@@ -1,7 +1,10 @@
 """The local run store. `runs/<run-id>/` is created fresh for every run and never reused by another run.
 
-Layout: config.yaml, command.txt, git.txt, metrics.jsonl (one line per optimizer step), summary.json,
-checkpoints/step-NNNNNNN/ (resumable state), adapter/ (the final PEFT adapter).
+Layout: config.yaml, command.txt, git.txt (commit and dirty state of the repository the command ran in and of
+daytune's own), git.diff (their uncommitted changes), env.json, code/ (daytune's source as it ran), metrics.jsonl
+(one line per optimizer step), system.jsonl (CPU, memory, GPU samples), lineage.json (dataset fingerprint -> run
+-> checkpoints -> evaluations), tracking.json (the run's ids in W&B/MLflow), doctor.json, summary.json,
+checkpoints/step-NNNNNNN/ (resumable state), adapter/ or model/ (the final result). See daytune/track/.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from daytune.errors import RunError
 from daytune.fileio import append_jsonl, write_json_atomic, write_text_atomic
+from daytune.track.env import git_diff, git_repos
 
 
 def peak_rss_mb() -> float:
@@ -105,11 +109,32 @@ class RunDir:
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    @property
+    def system_file(self) -> Path:
+        return self.path / "system.jsonl"
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise RunError(f"{path}: not valid JSON ({e})") from None
+
+    def read_system(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.system_file)
+
     # -- records ------------------------------------------------------------------------------------------
     def write_start(self, config_yaml: str, argv: list[str]) -> None:
         write_text_atomic(self.path / "config.yaml", config_yaml)
         write_text_atomic(self.path / "command.txt", shlex.join(argv) + "\n" + f"cwd: {os.getcwd()}\n")
-        write_text_atomic(self.path / "git.txt", git_state())
+        repos = git_repos()
+        write_text_atomic(self.path / "git.txt", "\n".join(git_state(r) for r in repos) or git_state())
+        diffs = [(r, git_diff(r)) for r in repos]
+        write_text_atomic(
+            self.path / "git.diff",
+            "".join(f"# repository: {r}\n{d}\n" for r, d in diffs if d.strip())
+            or "# no uncommitted changes\n",
+        )
 
     def note_resume(self, argv: list[str]) -> None:
         """Each resume appends its own command line: the record shows every command that shaped the run."""
@@ -120,15 +145,7 @@ class RunDir:
         append_jsonl(self.metrics_file, record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.is_file():
-            return []
-        out = []
-        for line in self.metrics_file.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
-        return out
+        return _read_jsonl(self.metrics_file)
 
     def truncate_metrics(self, last_step: int) -> None:
         """On resume, drop steps after the checkpoint: they will be trained again."""
@@ -144,3 +161,15 @@ class RunDir:
         summary.update(fields)
         write_json_atomic(self.path / "summary.json", summary)
         return summary
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash mid-write
+    return out

@@ -28,15 +28,18 @@ import torch
 
 from daytune.budget import Budget, parse_duration
 from daytune.config import RunConfig, parse_interval
-from daytune.data import encode_records, read_instructions
+from daytune.data import encode_records
 from daytune.data.batching import BatchPlan, make_batch
+from daytune.data.jsonl import read_records
+from daytune.data.trainset import load_train_data
 from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.models import load_tokenizer, resolve_model
 from daytune.plan import write_run_plan
 from daytune.plan.probe import resolve_micro_batch
 from daytune.progress import Reporter, budget_info
-from daytune.track import RunDir, peak_rss_mb
+from daytune.track import RunDir, Tracker, peak_rss_mb
+from daytune.track.doctor import format_findings
 from daytune.train import methods
 from daytune.train.checkpoint import (
     list_checkpoints,
@@ -134,13 +137,10 @@ class _Interval:
 def load_examples(cfg: RunConfig, tokenizer):
     """Training and validation examples; `val_fraction` splits validation off the training rows by seed."""
     dc = cfg.data
-    if dc.train is None:
-        raise DataError(
-            "data.train: no training file given (a JSONL with instruction, optional input, output)"
-        )
-    records = read_instructions(dc.train, dc.max_rows)
-    val_records = read_instructions(dc.val, dc.val_rows) if dc.val else []
-    if not dc.val and dc.val_fraction > 0:
+    records, data_info = load_train_data(dc)  # a JSONL or a prepared folder; checks the dataset fingerprint
+    val_path = dc.val or (data_info.get("val") if dc.val_fraction == 0 else None)  # a prepared folder's split
+    val_records = read_records(val_path, dc.val_rows) if val_path else []
+    if not val_path and dc.val_fraction > 0:
         order = list(range(len(records)))
         random.Random(cfg.train.seed).shuffle(order)
         n_val = max(1, int(len(records) * dc.val_fraction))
@@ -150,7 +150,7 @@ def load_examples(cfg: RunConfig, tokenizer):
     val, _ = encode_records(val_records, tokenizer, dc.template, dc.max_seq_len, dc.system_prompt)
     if not train:
         raise DataError(f"{dc.train}: every example lost its response to truncation; raise data.max_seq_len")
-    return train, val, stats
+    return train, val, stats, data_info
 
 
 @torch.no_grad()
@@ -193,7 +193,7 @@ def train(
         reporter = Reporter(quiet=True, every=float("inf"))
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
-    examples, val_examples, stats = load_examples(cfg, tokenizer)
+    examples, val_examples, stats, data_info = load_examples(cfg, tokenizer)
     model = methods.load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -233,6 +233,9 @@ def train(
         if is_main:
             run.truncate_metrics(step)
         reporter.print(f"Resumed from {resume} at step {step}/{max_steps}.")
+    tracker = Tracker(run, cfg, enabled=is_main).start(
+        unwrapped, accelerator.device, precision, world, data_info
+    )
     reporter.log(
         f"Training {cfg.model} ({tc.method}, {n_trainable:,} of {n_total:,} parameters) on {len(examples)} examples "
         f"({stats.truncated} truncated to {cfg.data.max_seq_len} tokens{', packed' if cfg.data.packing else ''}): "
@@ -277,10 +280,11 @@ def train(
             accelerator.wait_for_everyone()
         if is_main:
             weights = {k: v for k, v in full.items() if k in trainable_names} if full is not None else None
-            _, seconds = save_checkpoint(
+            saved_to, seconds = save_checkpoint(
                 unwrapped, optimizer, state_now(), run.checkpoints, tc.keep_checkpoints, rngs, weights
             )
             budget.record_save(seconds)
+            tracker.checkpoint(saved_to, step)
         accelerator.wait_for_everyone()
 
     def agree(*flags: bool) -> list[bool]:
@@ -294,6 +298,20 @@ def train(
     eval_due = _Interval(tc.eval_every if val_examples else None, "train.eval_every", now)
     eval_seconds, stopped_by, last_loss = 0.0, "max_steps", None
     model.train()
+    if budget.seconds is not None and step < max_steps:  # before any step is measured: time one forward pass
+        # The first step is guarded micro-batch by micro-batch (below), so the stop rule needs only one micro-batch's
+        # forward and backward to fit; counting the whole accumulation would refuse a step that fits (the cold
+        # first forward is already slower than the steady state).
+        first_mb = plan.get(step * per_step + rank)
+        batch = {
+            k: v.to(accelerator.device)
+            for k, v in make_batch(plan, examples, first_mb, tokenizer.pad_token_id).items()
+            if k != "n_tokens"
+        }
+        t_probe = time.perf_counter()
+        with torch.no_grad(), accelerator.autocast():
+            response_loss(model, batch)
+        budget.prior_step = 3 * (time.perf_counter() - t_probe)  # backward ~ 2x forward
     with _StopFlag() as stop, reporter.task("train", max_steps) as bar:
         bar.update(step, budget_info(budget.elapsed(), budget.seconds))
         while step < max_steps:
@@ -306,15 +324,30 @@ def train(
             micro = [plan.get(first + j) for j in range(per_step)]  # every process's micro-batches, in order
             n_target = sum(targets[i] for mb in micro for row in mb for i in row)
             mine = micro[rank::world]
-            loss_sum = 0.0
+            loss_sum, data_seconds, abandoned = 0.0, 0.0, False
             for j, mb in enumerate(mine):
+                t_data = time.perf_counter()  # building batches runs inline: the doctor reports its share
                 batch = make_batch(plan, examples, mb, tokenizer.pad_token_id)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "n_tokens"}
+                data_seconds += time.perf_counter() - t_data
                 sync = accelerator.no_sync(model) if j < len(mine) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss, _ = response_loss(model, batch)
                     accelerator.backward(loss * world / max(1, n_target))  # DDP averages over processes
                 loss_sum += float(loss.detach())
+                if (
+                    budget.seconds is not None and j < len(mine) - 1
+                ):  # a long step must not cross the deadline
+                    per_micro = (time.perf_counter() - t_step) / (j + 1)
+                    (abandoned,) = agree(
+                        budget.remaining() < per_micro * (len(mine) - j - 1) + budget.save_reserve
+                    )
+                    if abandoned:
+                        break
+            if abandoned:  # the step would end past the deadline: drop it, keep the last complete state
+                optimizer.zero_grad(set_to_none=True)
+                stopped_by = "budget"
+                break
             grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip else None
             left = budget.steps_left(eval_seconds)  # this step included
             if left is not None:
@@ -351,6 +384,7 @@ def train(
                 "tokens_per_s": round(n_tokens / dt, 2),
                 "padding": round(1 - n_tokens / max(1, padded), 4),
                 "step_seconds": round(dt, 4),
+                "data_seconds": round(data_seconds, 4),
                 "elapsed": round(budget.elapsed(), 3),
                 "total_steps": total_steps,
                 "budget_left": None if budget.seconds is None else round(budget.remaining(), 3),
@@ -377,8 +411,8 @@ def train(
                 else:
                     bad_evals += 1
                 eval_seconds = time.perf_counter() - t_eval
-            if is_main:
-                run.log(record)
+            lengths = [len(examples[i].input_ids) for mb in micro for row in mb for i in row]
+            tracker.log(record, lengths)  # adds samples/s, FLOPs, MFU; writes metrics.jsonl; feeds W&B/MLflow
             bar.update(
                 step,
                 f"loss {last_loss:.3f}  {n_tokens / dt:.0f} tok/s  "
@@ -449,13 +483,17 @@ def train(
             run_id=run.run_id,
             model=cfg.model,
             method=tc.method,
+            data=data_info,
             train=asdict(result),
             finished=step >= max_steps or stopped_by == "early_stopping",
         )
+    findings = tracker.finish(asdict(result), out_dir)
     reporter.log(
         f"Trained {step}/{max_steps} steps in {result.elapsed_seconds:.0f}s (stopped by {stopped_by}), "
         f"{result.tokens_per_s:.0f} tok/s, padding {result.padding_waste:.0%}, final loss {result.final_loss}."
     )
+    if findings:
+        reporter.print(format_findings(findings), markup=False)
     return result
 
 

@@ -1,0 +1,11 @@
+"""The scenarios daytune evaluates, by name."""
+
+from daytune.eval.scenarios.base import DataRoot, Instance, Scenario, Settings, default_data_root
+from daytune.eval.scenarios.generation import GSM8K, WikiText2, XSum
+from daytune.eval.scenarios.multiple_choice import BBQ, MMLU, OpenBookQA, TruthfulQA
+
+SCENARIOS: dict[str, type[Scenario]] = {
+    cls.name: cls for cls in (MMLU, TruthfulQA, BBQ, GSM8K, XSum, OpenBookQA, WikiText2)
+}
+
+__all__ = ["SCENARIOS", "DataRoot", "Instance", "Scenario", "Settings", "default_data_root"]

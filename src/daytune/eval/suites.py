@@ -1,0 +1,154 @@
+"""Named suites (which scenarios, how many instances, shots and perturbations) and the loop that runs one.
+
+- `quick`: every scenario but summarization on the small samples shipped in examples/data/eval (a few CPU minutes
+  for a 135M model); the quickstart's eval step runs it with fewer instances.
+- `competition-open`: the challenge's open HELM run entries as closely as the datasets allow: the five MMLU
+  subjects and TruthfulQA mc_single with HELM's canonical robustness and fairness perturbations, BBQ, GSM8K
+  (5-shot chain of thought, up to 400 new tokens), XSum standing in for CNN/DailyMail, at most 1,000 instances per
+  entry (HELM's default), plus OpenBookQA and WikiText-2.
+- `full`: everything in the datasets folder: all 57 MMLU subjects, every instance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from daytune.errors import ConfigError
+from daytune.eval.lm import LM, Usage
+from daytune.eval.metrics import bootstrap_ci
+from daytune.eval.scenarios import SCENARIOS, DataRoot, Settings, default_data_root
+from daytune.eval.scenarios.base import SAMPLES
+
+RF = ["robustness", "fairness"]
+
+SUITES: dict[str, dict] = {
+    "quick": {
+        "data": "samples",
+        "scenarios": {
+            "mmlu": Settings(max_instances=5, perturbations=RF),  # 5 subjects x 5
+            "truthfulqa": Settings(max_instances=16, perturbations=["robustness"]),
+            "bbq": Settings(max_instances=24),
+            "gsm8k": Settings(max_instances=5, max_new_tokens=160),
+            "openbookqa": Settings(max_instances=20),
+            "wikitext2": Settings(max_instances=3),
+        },
+    },
+    "competition-open": {
+        "data": "root",
+        "scenarios": {
+            "mmlu": Settings(max_instances=1000, perturbations=RF),
+            "truthfulqa": Settings(max_instances=1000, perturbations=RF),
+            "bbq": Settings(max_instances=1000),
+            "gsm8k": Settings(max_instances=1000, max_new_tokens=400),
+            "xsum": Settings(max_instances=1000, shots=1, max_words=400, max_new_tokens=64),
+            "openbookqa": Settings(max_instances=1000),
+            "wikitext2": Settings(),
+        },
+    },
+    "full": {
+        "data": "root",
+        "scenarios": {
+            "mmlu": Settings(subjects=["all"], perturbations=RF),
+            "truthfulqa": Settings(perturbations=RF),
+            "bbq": Settings(),
+            "gsm8k": Settings(max_new_tokens=400),
+            "xsum": Settings(shots=1, max_words=400, max_new_tokens=64),
+            "openbookqa": Settings(),
+            "wikitext2": Settings(),
+        },
+    },
+}
+
+
+def suite_plan(
+    suite: str, scenarios: list[str] | None = None, max_instances: int | None = None
+) -> list[tuple[str, Settings]]:
+    if suite not in SUITES:
+        raise ConfigError(f"--suite {suite!r}: not one of {', '.join(SUITES)}")
+    plan = SUITES[suite]["scenarios"]
+    names = list(plan)
+    if scenarios:
+        unknown = [s for s in scenarios if s not in SCENARIOS]
+        if unknown:
+            raise ConfigError(f"--scenarios: unknown {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        names = scenarios
+    out = []
+    for name in names:
+        s = copy.deepcopy(plan.get(name, Settings()))
+        if max_instances is not None:
+            s.max_instances = (
+                max_instances if s.max_instances is None else min(s.max_instances, max_instances)
+            )
+        out.append((name, s))
+    return out
+
+
+def suite_data_root(suite: str, data_root: str | Path | None) -> Path:
+    if data_root:
+        return Path(data_root).expanduser()
+    return SAMPLES if SUITES[suite]["data"] == "samples" else default_data_root()
+
+
+def _clean(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, 6)
+
+
+def score_records(name: str, records: list[dict], bootstrap: int = 1000) -> dict:
+    """Each metric of a scenario with its 95% bootstrap CI; metrics with no data are left out."""
+    out = {}
+    for metric, spec in SCENARIOS[name].metrics.items():
+        value = spec.fn(records) if records else float("nan")
+        if value is None or math.isnan(value):
+            continue
+        lo, hi = bootstrap_ci(records, spec.fn, iters=bootstrap) if bootstrap else (float("nan"),) * 2
+        out[metric] = {
+            "value": _clean(value),
+            "ci_low": _clean(lo),
+            "ci_high": _clean(hi),
+            "higher_is_better": spec.higher_is_better,
+        }
+    return out
+
+
+def run_suite(
+    lm: LM,
+    suite: str = "quick",
+    data_root: str | Path | None = None,
+    scenarios: list[str] | None = None,
+    max_instances: int | None = None,
+    bootstrap: int = 1000,
+    log=print,
+    plan: list[tuple[str, Settings]] | None = None,
+) -> dict:
+    """Run a suite on one model (or an explicit `plan` of scenario settings); returns the JSON-ready results,
+    per-instance records included."""
+    plan = plan or suite_plan(suite, scenarios, max_instances)
+    root = DataRoot(suite_data_root(suite, data_root))
+    results = {"suite": suite, "model": lm.info(), "data_root": str(root.root), "scenarios": {}}
+    t_all = time.perf_counter()
+    loaded = [(name, s, SCENARIOS[name]()) for name, s in plan]
+    loaded = [
+        (name, s, scen, scen.load(root, s)) for name, s, scen in loaded
+    ]  # data errors before any compute
+    for name, s, scen, instances in loaded:
+        log(f"  {name}: {len(instances)} instances...")
+        lm.usage = Usage()
+        t0 = time.perf_counter()
+        records, example = scen.run(lm, instances, s)
+        seconds = time.perf_counter() - t0
+        results["scenarios"][name] = {
+            "description": scen.description,
+            "main_metric": scen.main_metric,
+            "n": len(records),
+            "settings": asdict(s),
+            "metrics": score_records(name, records, bootstrap),
+            "efficiency": {**lm.usage.summary(), "wall_seconds": round(seconds, 2)},
+            "example": example,
+            "records": records,
+        }
+    results["seconds"] = round(time.perf_counter() - t_all, 2)
+    return results

@@ -1,0 +1,285 @@
+"""The utilization doctor: reads a run folder and says where the time and the device went, each finding with a
+concrete recommendation. Runs after every training run (printed, and saved as doctor.json) and on demand with
+`daytune runs doctor ID`.
+
+Checks: data wait (time building batches on the training thread, measured per step), padding waste, device
+utilization (GPU busy % through NVML, or CPU cores busy, and MFU), memory headroom, throughput against the
+planner's prediction, and where the time budget went.
+
+The planner's prediction is read from `plan.json` in the run folder when present (written by `daytune plan` or by
+hand), a JSON object with any of: `tokens_per_s` (predicted non-padding tokens per second), `step_seconds`,
+`peak_memory_mb` (predicted peak device memory), `micro_batch`, `device`, `source`. Unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from daytune.track.runstore import RunDir
+
+OK, INFO, WARN = "ok", "info", "warn"
+
+
+@dataclass
+class Finding:
+    check: str  # data_wait | padding | device_utilization | mfu | memory_headroom | planner | budget
+    status: str  # ok | info | warn
+    value: float | None  # the measured number the finding is about (a fraction, or a ratio for planner)
+    summary: str  # what was measured, in words
+    recommendation: str | None = None  # what to change, when something should change
+
+
+def findings_json(findings: list[Finding]) -> dict[str, Any]:
+    return {"findings": [asdict(f) for f in findings]}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %" if x >= 0.1 else f"{100 * x:.1f} %"
+
+
+def diagnose(run: RunDir) -> list[Finding]:
+    """Everything the run folder lets us say; checks without data are left out."""
+    import yaml
+
+    metrics = run.read_metrics()
+    system = run.read_system()
+    summary = run.read_summary()
+    tracking = run.read_json("tracking.json")
+    plan = run.read_json("plan.json")
+    cfg = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}
+    data_cfg, train_cfg = cfg.get("data", {}) or {}, cfg.get("train", {}) or {}
+    train = summary.get("train", {})
+    steady = metrics[1:] if len(metrics) > 2 else metrics  # the first step pays for warm-up
+    out: list[Finding] = []
+
+    # -- data wait ---------------------------------------------------------------------------------------------
+    step_time = sum(m.get("step_seconds", 0) for m in steady)
+    data_time = sum(m.get("data_seconds", 0) or 0 for m in steady)
+    if step_time > 0 and any("data_seconds" in m for m in steady):
+        frac = data_time / step_time
+        stalled = sum(1 for m in steady if (m.get("data_seconds") or 0) > 0.1 * m.get("step_seconds", 1))
+        msg = f"building batches takes {_pct(frac)} of step time ({stalled} of {len(steady)} steps over 10 %)"
+        if frac > 0.15:
+            rec = (
+                "batches are built on the training thread: set data.packing: true (fewer, fuller rows to collate "
+                "and copy) and keep data.max_seq_len no longer than the data needs"
+                if not data_cfg.get("packing")
+                else "raise train.micro_batch (and lower train.grad_accum to keep the effective batch): fewer, "
+                "larger batches spread the per-batch cost"
+            )
+            out.append(Finding("data_wait", WARN, round(frac, 4), msg, rec))
+        else:
+            out.append(Finding("data_wait", OK, round(frac, 4), msg + ": the device is not waiting for data"))
+
+    # -- padding -----------------------------------------------------------------------------------------------
+    waste = train.get("padding_waste")
+    if waste is None and metrics:
+        waste = statistics.fmean(m.get("padding", 0) for m in metrics)
+    if waste is not None:
+        msg = f"{_pct(waste)} of the computed positions are padding"
+        if waste > 0.1 and not data_cfg.get("packing"):
+            method = train_cfg.get("method")
+            rec = (
+                "set data.group_by_length: true (packing is not possible with virtual-token methods)"
+                if method in ("prefix", "prompt", "ptuning")
+                else "set data.packing: true (examples share rows, no cross-attention; padding drops to a few %) "
+                "or data.group_by_length: true"
+            )
+            out.append(Finding("padding", WARN, round(waste, 4), msg, rec))
+        elif waste > 0.1:
+            out.append(
+                Finding(
+                    "padding",
+                    INFO,
+                    round(waste, 4),
+                    msg + " even with packing (the shortest packed row sets the micro-batch's waste)",
+                    "lower train.micro_batch: fewer rows per micro-batch are padded to the longest one",
+                )
+            )
+        else:
+            out.append(Finding("padding", OK, round(waste, 4), msg))
+
+    # -- device utilization --------------------------------------------------------------------------------------
+    t_first = (metrics[0].get("elapsed", 0) - metrics[0].get("step_seconds", 0)) if metrics else 0
+    t_last = metrics[-1].get("elapsed", 0) if metrics else 0
+    during = [s for s in system if t_first <= s.get("elapsed", -1) <= t_last + 1] or system
+    gpu_utils = [g["util"] for s in during for g in s.get("gpus", []) if g.get("util") is not None]
+    waiting = any(f.check == "data_wait" and f.status == WARN for f in out)
+    if gpu_utils:
+        util = statistics.fmean(gpu_utils) / 100
+        msg = f"the GPU was busy {_pct(util)} of the time while training (NVML, {len(gpu_utils)} samples)"
+        if util < 0.7:
+            rec = (
+                "the data-wait finding above is the first fix"
+                if waiting
+                else "give the GPU more work per step: raise train.micro_batch (see memory headroom), turn on "
+                "data.packing, and use bf16-true precision"
+            )
+            out.append(Finding("device_utilization", WARN, round(util, 4), msg, rec))
+        else:
+            out.append(Finding("device_utilization", OK, round(util, 4), msg))
+    elif during and tracking.get("torch_threads"):
+        threads = tracking["torch_threads"]
+        busy = statistics.fmean(s.get("cpu_percent", 0) for s in during) / 100
+        frac = busy / threads
+        msg = f"the process kept {busy:.1f} of the {threads} cores PyTorch uses busy ({_pct(min(1.0, frac))})"
+        machine = statistics.fmean(s.get("cpu_system_percent", 0) for s in during) / 100
+        if frac < 0.6 and machine > 0.85:
+            rec = (
+                f"the machine's CPUs were {_pct(machine)} busy overall: other processes took the cores this run "
+                "was given; run it alone, or set train.threads to the cores that are actually free"
+            )
+            out.append(Finding("device_utilization", WARN, round(frac, 4), msg, rec))
+        elif frac < 0.6:
+            rec = (
+                "the cores idle between matmuls: raise train.micro_batch, or data.max_seq_len with packing "
+                "(bigger matmuls)"
+            )
+            out.append(Finding("device_utilization", WARN, round(frac, 4), msg, rec))
+        else:
+            out.append(Finding("device_utilization", OK, round(frac, 4), msg))
+    mfus = [m["mfu"] for m in steady if m.get("mfu") is not None]
+    if mfus:
+        mfu = statistics.median(mfus)
+        source = tracking.get("peak_source", "the device peak")
+        msg = f"model FLOPs utilization {_pct(mfu)} (median over steps; peak from {source})"
+        on_gpu = bool(gpu_utils) or "datasheet" in str(source)
+        if on_gpu and mfu < 0.2:
+            out.append(
+                Finding(
+                    "mfu",
+                    WARN,
+                    round(mfu, 4),
+                    msg,
+                    "small matmuls leave tensor cores idle: raise train.micro_batch, pack sequences, and train in "
+                    "bf16; for LoRA, 30-50 % MFU is reachable on a 7B model",
+                )
+            )
+        else:
+            out.append(Finding("mfu", INFO if mfu < 0.2 else OK, round(mfu, 4), msg))
+
+    # -- memory headroom -----------------------------------------------------------------------------------------
+    mb = train_cfg.get("micro_batch")
+    gpu_peak = max(
+        [s.get("torch_peak_mb", 0) for s in system]
+        + [g.get("mem_used_mb") or 0 for s in system for g in s.get("gpus", [])],
+        default=0,
+    )
+    gpu_total = max([g.get("mem_total_mb") or 0 for s in system for g in s.get("gpus", [])], default=0)
+    if gpu_peak and gpu_total:
+        used, total, where = gpu_peak, gpu_total, "GPU memory"
+    else:
+        rss = max([s.get("rss_mb", 0) for s in system] + [train.get("peak_rss_mb") or 0], default=0)
+        total = max([s.get("ram_total_mb", 0) for s in system] + [tracking.get("memory_mb") or 0], default=0)
+        used, where = rss, "RAM (peak resident memory of the process)"
+    if used and total:
+        headroom = 1 - used / total
+        msg = f"peak {used / 1024:.1f} of {total / 1024:.1f} GiB {where}: {_pct(max(0.0, headroom))} headroom"
+        if headroom < 0.08:
+            out.append(
+                Finding(
+                    "memory_headroom",
+                    WARN,
+                    round(headroom, 4),
+                    msg,
+                    "close to out of memory: set train.gradient_checkpointing: true or lower train.micro_batch "
+                    "(raise train.grad_accum to keep the effective batch)",
+                )
+            )
+        elif headroom > 0.4 and isinstance(mb, int):
+            grow = max(mb + 1, int(mb * 0.85 * total / used))
+            out.append(
+                Finding(
+                    "memory_headroom",
+                    INFO,
+                    round(headroom, 4),
+                    msg,
+                    f"memory is not the limit: train.micro_batch {mb} -> about {grow} still fits (a conservative "
+                    "estimate that scales all memory with the batch); lower train.grad_accum to keep the "
+                    "effective batch",
+                )
+            )
+        else:
+            out.append(Finding("memory_headroom", OK, round(headroom, 4), msg))
+
+    # -- the planner's prediction -------------------------------------------------------------------------------
+    measured_tps = statistics.median([m["tokens_per_s"] for m in steady if m.get("tokens_per_s")] or [0])
+    predicted = plan.get("tokens_per_s")
+    if predicted is None and plan.get("step_seconds") and steady:
+        predicted = statistics.fmean(m.get("tokens", 0) for m in steady) / plan["step_seconds"]
+    if plan and predicted and measured_tps:
+        ratio = measured_tps / predicted
+        msg = f"{measured_tps:.0f} tokens/s measured vs {predicted:.0f} predicted by the plan ({ratio:.2f}x)"
+        if ratio < 0.8:
+            rec = "the run is slower than planned: " + (
+                "fix the data wait first"
+                if waiting
+                else "check device utilization above; if the plan used another device or precision, re-run "
+                "`daytune plan` on this machine"
+            )
+            out.append(Finding("planner", WARN, round(ratio, 4), msg, rec))
+        elif ratio > 1.25:
+            out.append(
+                Finding(
+                    "planner",
+                    INFO,
+                    round(ratio, 4),
+                    msg,
+                    "faster than planned: the budget fits more steps or a larger model; re-run `daytune plan` to "
+                    "recalibrate",
+                )
+            )
+        else:
+            out.append(Finding("planner", OK, round(ratio, 4), msg))
+        if plan.get("peak_memory_mb") and used:
+            out[-1].summary += f"; peak memory {used:.0f} MB vs {plan['peak_memory_mb']:.0f} MB predicted"
+
+    # -- the budget -------------------------------------------------------------------------------------------------
+    elapsed = train.get("elapsed_seconds")
+    if elapsed and metrics:
+        trained = train.get("train_seconds") or sum(m.get("step_seconds", 0) for m in metrics)
+        setup = max(0.0, t_first)
+        budget = train.get("budget_seconds")
+        frac = trained / elapsed
+        msg = (
+            f"{_pct(frac)} of the {elapsed:.0f} s train stage ran optimizer steps; setup (loading, tokenizing) "
+            f"took {setup:.0f} s, saving and validation the remaining {max(0.0, elapsed - trained - setup):.0f} s"
+        )
+        if budget:
+            msg += f"; {elapsed / budget:.0%} of the {budget:.0f} s budget used"
+        rest = max(0.0, elapsed - trained - setup)
+        longest = max(m.get("step_seconds", 0) for m in metrics)
+        if budget and elapsed > 1.1 * budget:
+            rec = (
+                f"the run overran its budget: one step took up to {longest:.0f} s, longer than the time left; on "
+                "a shared or slow machine give a longer budget, or lower train.micro_batch / train.grad_accum so "
+                "single steps are short against the budget"
+            )
+            out.append(Finding("budget", WARN, round(frac, 4), msg, rec))
+        elif frac < 0.6:
+            rec = (
+                "setup is a fixed cost (loading, tokenizing, starting trackers) that only a short run feels: "
+                "give the run a longer budget"
+                if setup >= rest
+                else "saving and validation dominate: raise train.checkpoint_every (or a time interval like "
+                "30m) and validate less often (train.eval_every)"
+            )
+            out.append(Finding("budget", WARN, round(frac, 4), msg, rec))
+        else:
+            out.append(Finding("budget", OK, round(frac, 4), msg))
+    return out
+
+
+def format_findings(findings: list[Finding]) -> str:
+    """Plain lines for the terminal: one per finding, the recommendation indented below."""
+    if not findings:
+        return "Utilization doctor: no metrics recorded yet."
+    marks = {OK: "ok  ", INFO: "info", WARN: "WARN"}
+    lines = ["Utilization doctor:"]
+    for f in findings:
+        lines.append(f"  {marks.get(f.status, f.status)}  {f.check:<18} {f.summary}")
+        if f.recommendation:
+            lines.append(f"        {'':<18} -> {f.recommendation}")
+    return "\n".join(lines)
