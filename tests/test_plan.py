@@ -162,24 +162,70 @@ def test_activation_model_matches_what_autograd_saves(family, method, dtype, dro
 
 
 # ---- plans ------------------------------------------------------------------------------------------------------
-def test_a_plan_for_every_registered_model_method_and_device():
-    devices = [*GPUS.values(), cpu_device()]
-    for arch in REGISTRY.values():
+def test_daytune_plan_answers_for_every_registered_model_method_and_device(capsys):
+    """`daytune plan ... --json` for all registry x methods x devices: a consistent, complete plan each time."""
+    from daytune.cli import _cmd_plan, _parser
+    from daytune.progress import Reporter
+
+    parser = _parser()  # built once: building it is most of a call's time
+    memory = {name: d.memory for name, d in GPUS.items()} | {"cpu": cpu_device().memory}
+    for name, arch in REGISTRY.items():
         for method in METHODS:
-            for device in devices:
-                setup = Setup(method=method, seq_len=1024, precision="bf16-true")
-                plan = make_plan(arch, setup, device, micro_batch_auto=True, budget_seconds=24 * 3600)
-                d = json.loads(json.dumps(plan.to_dict()))
+            for device in memory:
+                argv = ["plan", "--model", name, "--method", method, "--seq-len", "1024", "--micro-batch", "auto",
+                        "--gpu", device, "--budget", "24h", "--precision", "bf16-true", "--json"]  # fmt: skip
+                assert _cmd_plan(parser.parse_args(argv), Reporter(quiet=True)) == 0, (name, method, device)
+                d = json.loads(capsys.readouterr().out)
+                where = (name, method, device)
                 m = d["memory"]
-                assert m["peak"] > m["weights_total"] > 0, (arch.name, method, device.name)
-                assert m["fits"] == (m["peak"] <= device.memory)
+                assert d["model"]["params"] == arch.total_params() and d["setup"]["method"] == method, where
+                assert m["peak"] > m["weights_total"] > 0 and m["trainable_params"] > 0, where
+                assert m["fits"] == (m["peak"] <= memory[device]), where
                 limits = d["max_micro_batch"]
-                assert limits["with_checkpointing"] >= limits["without_checkpointing"]
-                assert d["speed"]["tokens_per_s"] > 0 and d["budget"]["tokens"] > 0
+                assert limits["with_checkpointing"] >= limits["without_checkpointing"], where
+                assert d["speed"]["tokens_per_s"] > 0 and d["budget"]["tokens"] > 0, where
+                assert d["tokens_per_s"] > 0, where  # what the utilization doctor compares a run with
+                assert d["peak_memory_mb"] == pytest.approx(m["peak"] / 2**20, abs=0.1), where
                 if m["fits"]:
-                    assert d["fastest"] is not None
+                    assert d["fastest"] is not None and d["fastest"]["peak"] <= memory[device], where
                 else:
-                    assert any("does not fit" in n for n in d["notes"])
+                    assert any("does not fit" in n for n in d["notes"]), where
+
+
+def test_plan_table_names_every_part(capsys):
+    argv = ["plan", "--model", "mistral-7b", "--method", "lora", "--seq-len", "2048", "--micro-batch", "auto",
+            "--gpu", "a100-40gb", "--budget", "24h"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for part in ("weights: bf16", "trainable parameters", "gradients", "optimizer states", "without checkpointing",
+                 "with checkpointing", "logits / loss buffers", "framework overhead", "peak", "fits",
+                 "largest micro-batch", "predicted tokens/s", "within the budget", "fastest setup"):  # fmt: skip
+        assert part in out, part
+    assert max(len(line) for line in out.splitlines() if line.startswith("│")) <= 100
+
+
+@pytest.mark.parametrize(
+    "gpu,gib,name,bf16",
+    [
+        ("NVIDIA GeForce RTX 4090", 23.99, "rtx4090-24gb", 165.2e12),
+        ("NVIDIA A100-SXM4-40GB", 39.4, "a100-40gb", 312e12),
+        ("NVIDIA A100-SXM4-80GB", 79.2, "NVIDIA A100-SXM4-80GB", 312e12),  # not the 40 GB card
+        ("NVIDIA H100 PCIe", 79.6, "h100-80gb", 756e12),  # the PCIe card's lower peak
+        ("NVIDIA L40S", 44.4, "NVIDIA L40S", 362e12),
+        ("Some Future GPU", 96.0, "Some Future GPU", None),  # no datasheet: memory only, no speed
+    ],
+)
+def test_a_training_run_detects_its_gpu(monkeypatch, gpu, gib, name, bf16):
+    from types import SimpleNamespace
+
+    from daytune.plan.devices import detect
+
+    props = SimpleNamespace(name=gpu, total_memory=int(gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    d = detect(torch.device("cuda"))
+    assert (d.name, d.kind, d.memory, d.peak.get("bf16")) == (name, "cuda", props.total_memory, bf16)
+    speed = make_plan(REGISTRY["llama-2-7b"], Setup(method="qlora", gradient_checkpointing=True), d).speed
+    assert (speed.tokens_per_s is None) == (bf16 is None)
 
 
 def test_memory_responds_to_the_recipe():
@@ -340,6 +386,11 @@ def test_micro_batch_auto_probes_then_trains_like_the_fixed_choice(tiny_recipe, 
     )
     planned = json.loads((Path(auto.run_dir) / "plan.json").read_text())
     assert planned["setup"]["micro_batch"] == auto.micro_batch and planned["memory"]["peak"] > 0
+    # the utilization doctor compares the run with the planner's prediction
+    doctor = json.loads((Path(auto.run_dir) / "doctor.json").read_text())["findings"]
+    (found,) = [f for f in doctor if f["check"] == "planner"]
+    assert f"{planned['tokens_per_s']:.0f} predicted by the plan" in found["summary"]
+    assert f"{planned['peak_memory_mb']:.0f} MB predicted" in found["summary"]
     # 3) the same micro-batch set by hand trains identically (the probe restored the random state)
     fixed = recipe(micro_batch=auto.micro_batch)
     by_hand = train(fixed, RunDir.create(fixed.out_dir, "fixed"))

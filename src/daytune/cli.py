@@ -781,6 +781,7 @@ def _cmd_plan(args, reporter) -> int:
 
     from daytune.budget import parse_duration
     from daytune.config import RunConfig, load_run_config
+    from daytune.errors import ConfigError
     from daytune.plan import dataset as plan_data
     from daytune.plan import setup_from_config
     from daytune.plan.devices import GPUS, get_device
@@ -812,7 +813,7 @@ def _cmd_plan(args, reporter) -> int:
         cfg = RunConfig()
     model_ref = args.model or (cfg.model if args.recipe else None)
     if not model_ref:
-        raise DaytuneError("daytune plan: give --model NAME (see daytune plan --list) or --recipe RECIPE")
+        raise ConfigError("daytune plan: give --model NAME (see daytune plan --list) or --recipe RECIPE")
     arch = resolve_arch(model_ref)
     device = get_device(args.device)
     precision = cfg.train.precision
@@ -820,7 +821,7 @@ def _cmd_plan(args, reporter) -> int:
         fast_bf16 = device.peak.get("bf16", 0) >= device.peak.get("fp32", 0) / 1.5
         precision = "bf16-true" if device.kind == "cuda" or fast_bf16 else "32-true"
     if precision == "16-mixed" and device.kind == "cpu":
-        raise DaytuneError("--precision 16-mixed needs a GPU; use 32-true or bf16-true on cpu")
+        raise ConfigError("--precision 16-mixed needs a GPU; use 32-true or bf16-true on cpu")
     raw_mb = (
         args.micro_batch
         if args.micro_batch is not None
@@ -831,21 +832,21 @@ def _cmd_plan(args, reporter) -> int:
         try:
             mb = int(raw_mb)
         except ValueError:
-            raise DaytuneError(
-                f"--micro-batch: expected a positive integer or auto, got {raw_mb!r}"
-            ) from None
+            raise ConfigError(f"--micro-batch: expected a positive integer or auto, got {raw_mb!r}") from None
         if mb < 1:
-            raise DaytuneError(f"--micro-batch: must be at least 1, got {mb}")
+            raise ConfigError(f"--micro-batch: must be at least 1, got {mb}")
     setup = setup_from_config(cfg, precision, device.kind, micro_batch=1 if auto else mb)
     budget = parse_duration(args.budget, "--budget") if args.budget else None
     data = None
     if args.data:
         tokenizer_dir = _local_tokenizer(model_ref)
-        data = plan_data.measure(args.data, tokenizer_dir, cfg.data.template, cfg.data.max_seq_len)
+        data = plan_data.measure(
+            args.data, tokenizer_dir, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
+        )
     try:
         plan = make_plan(arch, setup, device, micro_batch_auto=auto, budget_seconds=budget, data=data)
     except ValueError as e:  # an unknown module name in lora targets
-        raise DaytuneError(str(e)) from None
+        raise ConfigError(str(e)) from None
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0

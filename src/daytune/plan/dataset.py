@@ -91,17 +91,25 @@ def from_examples(path: str, tokenizer_name: str, examples, truncated: int) -> D
     )
 
 
-def measure(path: str | Path, tokenizer_dir: Path | None, template: str, max_seq_len: int) -> DataStats:
-    """Tokenize a dataset the way training does (template, prompt masking, truncation)."""
-    from daytune.data import encode_records, read_instructions
+def measure(
+    path: str | Path,
+    tokenizer_dir: Path | None,
+    template: str,
+    max_seq_len: int,
+    system_prompt: str | None = None,
+) -> DataStats:
+    """Tokenize a dataset the way training does (instruction, `messages` or `text` rows; template, prompt
+    masking, truncation)."""
+    from daytune.data import encode_records
+    from daytune.data.jsonl import read_records
     from daytune.models import load_tokenizer, resolve_model
 
     file = train_file(path)
     name = str(tokenizer_dir) if tokenizer_dir else "smollm2-135m (the model's own tokenizer is not local)"
     folder = tokenizer_dir or resolve_model("smollm2-135m", log=lambda *a: None)
     tokenizer = load_tokenizer(folder)
-    records = read_instructions(file, None)
-    examples, stats = encode_records(records, tokenizer, template, max_seq_len, None)
+    records = read_records(file, None)
+    examples, stats = encode_records(records, tokenizer, template, max_seq_len, system_prompt)
     if not examples:
         raise DataError(f"{file}: no example keeps a response within {max_seq_len} tokens")
     return from_examples(str(file), name, examples, stats.truncated)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from daytune.errors import ConfigError
 
@@ -176,17 +176,27 @@ def get_device(name: str) -> Device:
 
 
 def detect(torch_device) -> Device:
-    """The device a training run uses: a known GPU by name, another GPU with its real memory (peak unknown,
-    so no throughput prediction), or this CPU measured."""
+    """The device a training run uses: a known GPU by name (with its real memory), another GPU with its real
+    memory and the datasheet peak of daytune.track.flops when it has one (none: no speed prediction), or this
+    CPU measured."""
     if torch_device.type != "cuda":
         return cpu_device()
     import torch
 
+    from daytune.track.flops import table_peak
+
     props = torch.cuda.get_device_properties(torch_device)
     name = props.name.lower()
     total = float(props.total_memory)
+    table = {k: table_peak(props.name, dt) for k, dt in
+             (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))}  # fmt: skip
+    peak = {k: v for k, v in table.items() if v}
     for key, marker in (("h100-80gb", "h100"), ("a100-40gb", "a100"), ("rtx4090-24gb", "4090")):
         if marker in name and (key != "a100-40gb" or total < 60 * 2**30):
-            known = GPUS[key]
-            return Device(**{**known.__dict__, "memory": total})
-    return Device(name=props.name, kind="cuda", memory=total, description=props.name, source="torch.cuda")
+            known = GPUS[key]  # the datasheet table tells the PCIe H100 from the SXM one
+            return replace(known, memory=total, peak=peak or known.peak, description=props.name)
+    source = "torch.cuda memory; peaks: the datasheet table in daytune/track/flops.py" if peak else (
+        "torch.cuda memory; peak unknown: no speed prediction")  # fmt: skip
+    return Device(
+        name=props.name, kind="cuda", memory=total, peak=peak, description=props.name, source=source
+    )

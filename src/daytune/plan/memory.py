@@ -560,9 +560,9 @@ def breakdown(arch: Arch, s: Setup) -> Breakdown:
     pb = 4 if s.method not in ("full", "freeze") and s.stack.adapters_fp32 else _param_bytes(s.precision)
     grads = n_train * pb
     opt = optimizer_bytes(arch, s, n_train)
-    acts = activation_bytes(arch, s)
     act_plain = activation_bytes(arch, s, checkpointing=False)
     act_ckpt = activation_bytes(arch, s, checkpointing=True)
+    acts = act_ckpt if s.gradient_checkpointing else act_plain
 
     def saved_total(d):
         return d["blocks"] + d["model"] + d["loss"] + d["inputs"]

@@ -131,6 +131,12 @@ class Plan:
             "data": None if self.data is None else {**self.data.to_dict(), **(self.epoch or {})},
             "fastest": None if self.fastest is None else self.fastest.to_dict(),
             "notes": self.notes,
+            # what the utilization doctor (daytune.track.doctor) compares a run with: non-padding tokens/s,
+            # the peak in MiB (RSS on CPU, device memory on GPUs), and what they were predicted for
+            "tokens_per_s": _round(self.useful_tokens_per_s),
+            "peak_memory_mb": round(self.memory.peak / 2**20, 1),
+            "micro_batch": s.micro_batch,
+            "source": f"daytune plan v{PLAN_VERSION} ({self.device.name})",
         }
 
 
@@ -256,8 +262,8 @@ def render(plan: Plan):
         f"{' · checkpointing' if s.gradient_checkpointing else ''} · {s.precision} · {plan.device.name}"
     )
     t = Table(title=title, show_header=False, title_justify="left")
-    t.add_column("what")
-    t.add_column("value", justify="right", no_wrap=True)
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)  # both columns fit 80 characters
     for dtype, nbytes in m.weights.items():
         t.add_row(f"weights: {dtype}", _gb(nbytes))
     t.add_row("trainable parameters", f"{m.trainable_params:,} of {m.total_params:,}")
@@ -265,7 +271,7 @@ def render(plan: Plan):
     t.add_row(f"optimizer states ({s.optimizer})", _gb(m.optimizer_states))
     t.add_row("activations" + (" (checkpointing on)" if s.gradient_checkpointing else ""), _gb(m.activations))
     t.add_row("  without checkpointing", _gb(m.activations_no_checkpointing))
-    t.add_row("  with checkpointing (+ one block recomputed)", _gb(m.activations_checkpointing))
+    t.add_row("  with checkpointing (+1 block recomputed)", _gb(m.activations_checkpointing))
     t.add_row("logits / loss buffers", _gb(m.logits_loss))
     t.add_row("transient (backward, loss chunk)", _gb(m.transient))
     t.add_row(
@@ -274,7 +280,7 @@ def render(plan: Plan):
     )
     if m.allocator:
         t.add_row("allocator slack", _gb(m.allocator))
-    t.add_row(f"[bold]peak[/bold] ({m.phase})", f"[bold]{_gb(m.peak)}[/bold]")
+    t.add_row(f"[bold]peak[/bold] (at: {m.phase})", f"[bold]{_gb(m.peak)}[/bold]")
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     t.add_row(f"{plan.device.name} memory", f"{_gb(plan.device.memory)}  {verdict}")
     lim = plan.max_micro_batch
@@ -292,20 +298,20 @@ def render(plan: Plan):
         t.add_row("predicted tokens/s", "unknown (no peak for this device)")
     if plan.data is not None and plan.epoch:
         d, e = plan.data, plan.epoch
-        t.add_row("dataset", f"{d.examples:,} examples, {d.tokens:,} tokens ({d.label_tokens:,} trained)")
+        t.add_row("dataset", f"{d.examples:,} examples, {d.tokens:,} tokens")
+        t.add_row("  tokens with a label (trained)", f"{d.label_tokens:,}")
         t.add_row("  per epoch", f"{e['micro_batches']:,} micro-batches, padding {e['padding']:.0%}")
     r = plan.reachable()
     if r is not None:
-        t.add_row(
-            "within the budget",
-            f"{r['tokens']:,} tokens" + (f", {r['epochs']:.2f} epochs" if "epochs" in r else ""),
-        )
+        t.add_row("tokens within the budget", f"{r['tokens']:,}")
+        if "epochs" in r:
+            t.add_row("epochs within the budget", f"{r['epochs']:,.2f} ({r['epoch_seconds']:,.0f} s each)")
     if plan.fastest is not None:
         f = plan.fastest
         speed = "" if f.useful_tokens_per_s is None else f", {f.useful_tokens_per_s:,.0f} tokens/s"
         t.add_row(
             "fastest setup that fits",
-            f"micro-batch {f.micro_batch}{', checkpointing' if f.gradient_checkpointing else ''}{speed}, "
-            f"peak {f.peak / GB:.1f} GB",
+            f"micro-batch {f.micro_batch}{', checkpointing' if f.gradient_checkpointing else ''}",
         )
+        t.add_row("  its speed and peak", f"{speed.lstrip(', ')}, {f.peak / GB:.1f} GB".lstrip(", "))
     return t
