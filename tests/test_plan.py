@@ -68,6 +68,7 @@ def test_registry_numbers_build_the_same_model(name):
 
 
 def test_resolve_arch_reads_a_folder_without_weights(tmp_path, tiny_model_dir):
+    assert resolve_arch("meta-llama/Llama-2-7b-hf") is REGISTRY["llama-2-7b"]  # a registered hub id: no fetch
     arch = resolve_arch(str(tiny_model_dir))
     assert (arch.hidden, arch.layers, arch.kv_heads, arch.tied) == (64, 2, 2, True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))

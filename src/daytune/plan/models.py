@@ -438,19 +438,36 @@ def resolve_arch(ref: str) -> Arch:
     if key in REGISTRY:
         return REGISTRY[key]
     path = Path(ref).expanduser()
+    by_hub_id = {a.hub_id.lower(): a for a in REGISTRY.values()}
+    if key in by_hub_id and not path.exists():  # a registered model's hub id: no download
+        return by_hub_id[key]
     if path.is_file() and path.name.endswith(".json"):
         return _arch_from_file(path, path.parent.name or ref)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: no config.json; pass a Hugging Face model folder or a registered name")
         return _arch_from_file(path / "config.json", path.name)
-    if path.suffix == ".gguf" or "/" in ref:  # let the model resolver fetch/convert; it reads no weights here
+    if path.suffix == ".gguf":  # the model resolver converts it once (cached) and writes its config.json
         from daytune.models import resolve_model
 
         folder = resolve_model(ref, log=lambda *a: None)
         return _arch_from_file(folder / "config.json", ref)
+    if "/" in ref and not path.exists():  # a hub id: its config.json alone (cached when fetched before)
+        return _arch_from_file(_hub_config(ref), ref)
     names = ", ".join(sorted(REGISTRY))
     raise ModelError(f"unknown model '{ref}': use a registered name ({names}) or a folder with config.json")
+
+
+def _hub_config(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all end the same way for the user
+        raise ModelError(
+            f"cannot read {repo_id}'s config.json from the Hugging Face hub ({type(e).__name__}); pass a registered "
+            "name (daytune plan --list), or a folder or config.json file downloaded elsewhere"
+        ) from None
 
 
 def _arch_from_file(path: Path, name: str) -> Arch:
