@@ -345,10 +345,11 @@ def _rss_bytes() -> int:
 def test_micro_batch_auto_probes_then_trains_like_the_fixed_choice(tiny_recipe, tiny_model_dir):
     """Real forward/backward tries against train.memory_limit pick the micro-batch; accumulation keeps the batch;
     the probe leaves nothing behind: training afterwards equals a run with that micro-batch set by hand."""
+    from test_train import new_run
+
     from daytune.data import encode_records, read_instructions
     from daytune.data.batching import BatchPlan
     from daytune.models import load_model, load_tokenizer
-    from daytune.track import RunDir
     from daytune.train.loop import train
     from daytune.train.memory import return_freed_memory
     from daytune.train.methods import prepare_for_training
@@ -376,7 +377,7 @@ def test_micro_batch_auto_probes_then_trains_like_the_fixed_choice(tiny_recipe, 
     # 2) a ceiling halfway up that growth, above what this process holds now
     limit = _rss_bytes() + int((peaks[8] - peaks[1]) / 2 * 2**20)
     cfg = recipe(memory_limit=str(limit))
-    auto = train(cfg, RunDir.create(cfg.out_dir, "auto"))
+    auto = train(cfg, new_run(cfg))  # with its config.yaml, as `daytune train` writes it: the doctor reads it
     probe = auto.micro_batch_probe
     assert 1 <= auto.micro_batch < 8 and auto.micro_batch * auto.grad_accum == 8
     assert all(t["fits"] == (t["peak_mb"] <= probe["limit_mb"]) for t in probe["tries"])
@@ -394,6 +395,6 @@ def test_micro_batch_auto_probes_then_trains_like_the_fixed_choice(tiny_recipe, 
     assert f"{planned['peak_memory_mb']:.0f} MB predicted" in found["summary"]
     # 3) the same micro-batch set by hand trains identically (the probe restored the random state)
     fixed = recipe(micro_batch=auto.micro_batch)
-    by_hand = train(fixed, RunDir.create(fixed.out_dir, "fixed"))
+    by_hand = train(fixed, new_run(fixed))
     assert by_hand.micro_batch_probe is None and by_hand.grad_accum == auto.grad_accum
     assert by_hand.final_loss == pytest.approx(auto.final_loss, rel=1e-6)

@@ -192,17 +192,19 @@ def probe_micro_batch(
     was_training = model.training
     model.train()
 
-    def clean():
+    def clean(collect: bool):
         for p in model.parameters():
             p.grad = None
-        gc.collect()
+        if collect:  # only an out-of-memory error leaves tensors in reference cycles (its traceback frames)
+            gc.collect()
         if cuda:
             torch.cuda.empty_cache()
 
+    clean(collect=True)
+
     def try_size(n: int) -> Try:
-        clean()
         placeholder = batch = loss = None
-        peak = None
+        peak, failed = None, False
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
@@ -221,10 +223,10 @@ def probe_micro_batch(
                 peak = meter.peak
             ok = peak <= limit_mb
         except torch.cuda.OutOfMemoryError:
-            ok = False
+            ok, failed = False, True
         finally:
             del placeholder, batch, loss
-            clean()
+            clean(collect=failed)
         log(f"micro_batch auto: {n} rows -> {'fits' if ok else 'too large'}"
             + (f" (peak {peak:,.0f} MiB of {limit_mb:,.0f})" if peak is not None else " (out of memory)"))  # fmt: skip
         return Try(n, ok, None if peak is None else round(peak, 1))
