@@ -325,7 +325,7 @@ def test_micro_batch_auto_config(tmp_path):
     assert load(micro_batch="auto", batch_size=16).train.micro_batch == "auto"
     with pytest.raises(ConfigError, match="auto needs train.batch_size"):
         load(micro_batch="auto")
-    with pytest.raises(ConfigError, match="positive integer or 'auto'"):
+    with pytest.raises(ConfigError, match="expected an integer or 'auto'"):
         load(micro_batch="max")
     with pytest.raises(ConfigError, match="leave train.grad_accum at 1"):
         load(micro_batch=4, batch_size=16, grad_accum=2)

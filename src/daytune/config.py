@@ -251,7 +251,7 @@ def _validate_batch(tc: TrainConfig) -> None:
     if isinstance(tc.micro_batch, str):
         if tc.micro_batch.strip().lower() != "auto":
             raise ConfigError(
-                f"train.micro_batch: expected a positive integer or 'auto', got {tc.micro_batch!r}"
+                f"train.micro_batch: expected an integer or 'auto', got {tc.micro_batch!r}"
             )
         tc.micro_batch = "auto"
         if tc.batch_size is None:
