@@ -843,6 +843,8 @@ def _cmd_plan(args, reporter) -> int:
         data = plan_data.measure(
             args.data, tokenizer_dir, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
         )
+        # the batch plan training uses
+        data.seed, data.group_by_length = cfg.train.seed, cfg.data.group_by_length
     try:
         plan = make_plan(arch, setup, device, micro_batch_auto=auto, budget_seconds=budget, data=data)
     except ValueError as e:  # an unknown module name in lora targets

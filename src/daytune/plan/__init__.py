@@ -69,6 +69,7 @@ def write_run_plan(
         device = detect(torch_device)
         setup = setup_from_config(cfg, precision, device.kind)
         data = from_examples(cfg.data.train, str(model_dir), examples, stats.truncated)
+        data.seed, data.group_by_length = cfg.train.seed, cfg.data.group_by_length  # the run's batch plan
         budget = parse_duration(cfg.train.budget, "train.budget")
         plan = make_plan(arch, setup, device, budget_seconds=budget, data=data, search_checkpointing=False)
         out = plan.to_dict()

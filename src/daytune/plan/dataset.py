@@ -21,6 +21,11 @@ class DataStats:
     truncated: int
     lengths: list[int] = field(repr=False)
     labels: list[int] = field(repr=False)  # loss positions per example
+    seed: int = 42  # the batch plan's, as training would use them (train.seed, data.group_by_length)
+    group_by_length: bool = False
+    _epochs: dict = field(
+        default_factory=dict, repr=False, compare=False
+    )  # epoch() results: the search repeats
 
     @property
     def tokens(self) -> int:
@@ -30,12 +35,19 @@ class DataStats:
     def label_tokens(self) -> int:
         return sum(self.labels)
 
-    def epoch(self, micro_batch: int, seq_len: int, packing: bool, seed: int = 42) -> dict:
+    def epoch(self, micro_batch: int, seq_len: int, packing: bool) -> dict:
         """Positions computed per epoch (padding included), micro-batches, and the most label positions in one
         micro-batch, from the same batch plan training uses."""
+        key = (micro_batch, seq_len, packing)
+        if key not in self._epochs:
+            self._epochs[key] = self._epoch(micro_batch, seq_len, packing)
+        return dict(self._epochs[key])
+
+    def _epoch(self, micro_batch: int, seq_len: int, packing: bool) -> dict:
         from daytune.data.batching import BatchPlan
 
-        plan = BatchPlan(list(self.lengths), micro_batch, seed, seq_len, packing=packing)
+        plan = BatchPlan(list(self.lengths), micro_batch, self.seed, seq_len, packing=packing,
+                         group_by_length=self.group_by_length)  # fmt: skip
         positions, most_labels, longest = 0, 0, 0
         batches = plan.epoch(0)
         for mb in batches:
