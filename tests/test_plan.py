@@ -279,7 +279,7 @@ def test_plan_command_prints_json(capsys):
     assert plan["budget"]["seconds"] == 86400 and plan["speed"]["tokens_per_s"] > 0
 
 
-def test_plan_command_with_data_and_a_local_model(capsys, tiny_model_dir):
+def test_plan_command_with_data_and_a_local_model(capsys, tiny_model_dir, tmp_path):
     from conftest import EXAMPLES
 
     argv = ["plan", "--model", str(tiny_model_dir), "--data", str(EXAMPLES / "data" / "gsm8k_train.jsonl"),
@@ -289,6 +289,14 @@ def test_plan_command_with_data_and_a_local_model(capsys, tiny_model_dir):
     assert 300 < plan["data"]["examples"] <= 400 and plan["data"]["tokenizer"] == str(tiny_model_dir)
     assert 0 < plan["setup"]["label_fraction"] < 1
     assert plan["budget"]["epochs"] > 0
+    # a recipe brings its own data, sequence length and micro-batch
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"model": str(tiny_model_dir), "data": {
+        "train": str(EXAMPLES / "data" / "gsm8k_train.jsonl"), "max_seq_len": 128}, "train": {"micro_batch": 2}}))  # fmt: skip
+    assert main(["plan", "--recipe", str(recipe), "--gpu", "a100-40gb", "--json"]) == 0
+    from_recipe = json.loads(capsys.readouterr().out)
+    assert from_recipe["data"]["path"] == plan["data"]["path"] and from_recipe["data"]["longest_row"] <= 128
+    assert (from_recipe["setup"]["seq_len"], from_recipe["setup"]["micro_batch"]) == (128, 2)
 
 
 @pytest.mark.parametrize(

@@ -763,7 +763,10 @@ def _plan_parser(sub) -> None:
         "--gpu", "--device", dest="device", default="cpu", help="a100-40gb, rtx4090-24gb, h100-80gb or cpu"
     )
     sp.add_argument("--budget", help="wall-clock budget, e.g. 24h: tokens and epochs it buys")
-    sp.add_argument("--data", help="a training JSONL or dataset folder: epochs, padding and label positions")
+    sp.add_argument(
+        "--data",
+        help="a training JSONL or dataset folder: epochs, padding and label positions (default: the recipe's)",
+    )
     sp.add_argument("--precision", help="auto (default), 32-true, bf16-true, bf16-mixed, 16-mixed")
     sp.add_argument(
         "--gradient-checkpointing", action="store_true", default=None, help="recompute activations"
@@ -838,10 +841,11 @@ def _cmd_plan(args, reporter) -> int:
     setup = setup_from_config(cfg, precision, device.kind, micro_batch=1 if auto else mb)
     budget = parse_duration(args.budget, "--budget") if args.budget else None
     data = None
-    if args.data:
+    data_path = args.data or (cfg.data.train if args.recipe else None)  # a recipe's own training data
+    if data_path:
         tokenizer_dir = _local_tokenizer(model_ref)
         data = plan_data.measure(
-            args.data, tokenizer_dir, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
+            data_path, tokenizer_dir, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
         )
         # the batch plan training uses
         data.seed, data.group_by_length = cfg.train.seed, cfg.data.group_by_length
