@@ -293,6 +293,22 @@ def test_cli_prepare_inspect_sources_and_train_on_the_folder(
     assert card2["tokenizer"]["max_seq_len"] == 256  # the run's settings apply to its data stage
     assert card2["decontamination"]["removed_by_eval_set"] == {"heldout.jsonl": 1}  # the run's eval file
 
+    # the run's evaluation suite is checked too: its data root holds a GSM8K test question that overlaps a row
+    suite_root = tmp_path / "suite-data"
+    (suite_root / "gsm8k").mkdir(parents=True)
+    question = json.loads(heldout.read_text())["instruction"]
+    (suite_root / "gsm8k" / "test.jsonl").write_text(
+        json.dumps({"question": question, "answer": "#### 1"}) + "\n"
+    )
+    suite = ["--set", "eval.suite=quick", "--set", f"eval.data_root={suite_root}"]
+    assert main(["--quiet", "train", str(recipe), "--set", "train.max_steps=1", *suite]) == 0
+    run3 = next(p for p in (tmp_path / "runs").iterdir() if p not in (run, run2))
+    card3 = json.loads((run3 / "data" / "data_card.json").read_text())
+    assert card3["decontamination"]["removed_by_eval_set"] == {"gsm8k": 1}
+    assert {"name": "gsm8k", "items": 1, "files": 1, "from": str(suite_root)} in card3["decontamination"][
+        "checked"
+    ]
+
 
 def test_changed_data_is_refused(tmp_path, tiny_model_dir):
     from daytune.config import DataConfig

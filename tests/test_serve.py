@@ -196,10 +196,11 @@ def test_generated_text_keeps_a_leading_space_in_context(server):
 
 
 def test_unmergeable_adapters_are_refused_clearly(tiny_recipe):
+    from test_train import new_run
+
     from daytune.config import load_run_config
     from daytune.errors import ModelError
     from daytune.train.loop import train
-    from test_train import new_run
 
     cfg = load_run_config(tiny_recipe(train={"method": "prompt", "max_steps": 1}))
     run = new_run(cfg)

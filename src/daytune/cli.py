@@ -404,42 +404,17 @@ def _serve_parser(sub) -> None:
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every endpoint but /health (or set ${TOKEN_ENV})",
     )
-    sp.add_argument(
-        "--max-batch",
-        type=int,
-        default=d.max_batch,
-        help=f"sequences decoded together; 1 = one at a time ({d.max_batch})",
+    limits = (  # (option, type, help); defaults from ServeOptions
+        ("max_batch", int, "sequences decoded together; 1 = one at a time"),
+        ("max_queue", int, "waiting sequences before answering 503"),
+        ("max_prefill_tokens", int, "padded prompt tokens per prefill step"),
+        ("max_new_tokens", int, "cap on max_new_tokens"),
+        ("request_timeout", float, "seconds before a request gets HTTP 504"),
+        ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM"),
     )
-    sp.add_argument(
-        "--max-queue",
-        type=int,
-        default=d.max_queue,
-        help=f"waiting sequences before answering 503 ({d.max_queue})",
-    )
-    sp.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=d.max_prefill_tokens,
-        help="padded prompt tokens per prefill step",
-    )
-    sp.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=d.max_new_tokens,
-        help=f"cap on max_new_tokens ({d.max_new_tokens})",
-    )
-    sp.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d.request_timeout,
-        help="seconds before a request gets HTTP 504",
-    )
-    sp.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=d.shutdown_grace,
-        help="seconds in-flight requests get on SIGTERM",
-    )
+    for name, kind, text in limits:
+        default = getattr(d, name)
+        sp.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{text} ({default})")
 
 
 def _cmd_serve(args, reporter) -> int:

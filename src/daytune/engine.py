@@ -429,6 +429,19 @@ def prefix_groups(
     return shared_groups, rest
 
 
+def _in_batches(model, seqs, groups, rest, batch_size: int, work) -> None:
+    """Call work(batch, prefix_len, cache) on batches of similar length: each shared-prefix group with its prefix
+    computed once, then the rest without a cache (longest first: padding stays small, memory peaks early)."""
+    for prefix_len, members in groups:
+        cache = _prefix_cache(model, seqs[members[0]][:prefix_len])
+        members.sort(key=lambda i: len(seqs[i]), reverse=True)
+        for b in range(0, len(members), batch_size):
+            work(members[b : b + batch_size], prefix_len, cache)
+    rest.sort(key=lambda i: len(seqs[i]), reverse=True)
+    for b in range(0, len(rest), batch_size):
+        work(rest[b : b + batch_size], 0, None)
+
+
 def _prefix_cache(model, prefix: list[int] | tuple[int, ...]):
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix)], device=device)
@@ -515,14 +528,7 @@ def loglikelihood_detailed(
                     greedy = greedy and bool((lp.argmax(-1) == target).all())
                 results[r] = (total, greedy)
 
-    for prefix_len, members in groups:
-        cache = _prefix_cache(model, keys[members[0]][:prefix_len])
-        members.sort(key=lambda i: len(keys[i]), reverse=True)
-        for b in range(0, len(members), batch_size):
-            score(members[b : b + batch_size], prefix_len, cache)
-    rest.sort(key=lambda i: len(keys[i]), reverse=True)
-    for b in range(0, len(rest), batch_size):
-        score(rest[b : b + batch_size], 0, None)
+    _in_batches(model, keys, groups, rest, batch_size, score)
     return results
 
 
@@ -593,12 +599,5 @@ def greedy_generate_batch(
         for row, i in enumerate(batch):
             results[i] = outs[row]
 
-    for prefix_len, members in groups:
-        cache = _prefix_cache(model, prompts[members[0]][:prefix_len])
-        members.sort(key=lambda i: len(prompts[i]), reverse=True)
-        for b in range(0, len(members), batch_size):
-            decode(members[b : b + batch_size], prefix_len, cache)
-    rest.sort(key=lambda i: len(prompts[i]), reverse=True)
-    for b in range(0, len(rest), batch_size):
-        decode(rest[b : b + batch_size], 0, None)
+    _in_batches(model, prompts, groups, rest, batch_size, decode)
     return results  # type: ignore[return-value]

@@ -77,8 +77,18 @@ def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
         recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
         evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
         reporter.log(f"Preparing data from {cfg.data.prepare}...")
+        suite_dirs = []
+        if cfg.eval.suite:  # the sets the run will be scored on, wherever the default datasets folder is
+            from daytune.eval.suites import suite_data_root
+
+            suite_dirs.append(suite_data_root(cfg.eval.suite, cfg.eval.data_root))
         card = prepare(
-            recipe, run.path / "data", reporter=reporter, extra_eval_files=evals, recipe_file=cfg.data.prepare
+            recipe,
+            run.path / "data",
+            reporter=reporter,
+            extra_eval_files=evals,
+            extra_eval_dirs=suite_dirs,
+            recipe_file=cfg.data.prepare,
         )
         for w in card["warnings"]:
             reporter.log(f"data warning: {w}")

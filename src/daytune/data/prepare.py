@@ -154,15 +154,22 @@ def _token_lengths(rows: list[dict], tokenizer, recipe: DataRecipe, batch: int =
     return lengths
 
 
-def _eval_index(recipe: DataRecipe, datasets_dir: Path, extra_files: list[str]) -> tuple[EvalIndex, dict]:
+def _eval_index(
+    recipe: DataRecipe, datasets_dir: Path, extra_files: list[str], extra_dirs: list[Path]
+) -> tuple[EvalIndex, dict]:
+    """Every evaluation set is read from the recipe's eval_dir (or the datasets folder) and from `extra_dirs` (the
+    run's own evaluation suite): training rows must not overlap whatever the run will be scored on."""
     dc = recipe.decontaminate
     eval_dir = Path(dc.eval_dir) if dc.eval_dir else datasets_dir
     index = EvalIndex(dc.ngram, dc.min_ngram)
     info: dict[str, Any] = {"eval_dir": str(eval_dir), "checked": [], "not_found": []}
     names = list(EVAL_SETS) if "all" in dc.eval_sets else list(dict.fromkeys(dc.eval_sets))
+    roots = [d for d in dict.fromkeys([eval_dir, *extra_dirs]) if d.is_dir()]
+    info["searched"] = [str(d) for d in dict.fromkeys([eval_dir, *extra_dirs])]
     for name in names:
-        files = find_files(eval_dir, EVAL_SETS[name]) if eval_dir.is_dir() else []
-        if not files:
+        found = [(root, find_files(root, EVAL_SETS[name])) for root in roots]
+        found = [(root, files) for root, files in found if files]
+        if not found:
             if dc.require:
                 raise DataError(
                     f"decontaminate: evaluation set '{name}' not found under {eval_dir} (expected "
@@ -170,11 +177,12 @@ def _eval_index(recipe: DataRecipe, datasets_dir: Path, extra_files: list[str]) 
                 )
             info["not_found"].append(name)
             continue
-        items = read_eval_set(name, files)
-        index.add(name, items)
-        info["checked"].append(
-            {"name": name, "items": len(items), "files": len(files), "from": str(eval_dir)}
-        )
+        for root, files in found:
+            items = read_eval_set(name, files)
+            index.add(name, items)
+            info["checked"].append(
+                {"name": name, "items": len(items), "files": len(files), "from": str(root)}
+            )
     for f in dict.fromkeys([*dc.eval_files, *extra_files]):
         path = Path(f)
         if not path.is_file():
@@ -194,6 +202,7 @@ def prepare(
     reporter=None,
     force: bool = False,
     extra_eval_files: list[str] = (),
+    extra_eval_dirs: list[str | Path] = (),
     recipe_file: str | None = None,
 ) -> dict[str, Any]:
     """Build the dataset folder `out` from `recipe`; returns the data card."""
@@ -345,11 +354,13 @@ def prepare(
     dc = recipe.decontaminate
     decontam: dict[str, Any] = {"enabled": dc.enabled, "ngram": dc.ngram, "min_ngram": dc.min_ngram}
     if dc.enabled:
-        index, info = _eval_index(recipe, datasets_dir, list(extra_eval_files))
+        index, info = _eval_index(
+            recipe, datasets_dir, list(extra_eval_files), [Path(d) for d in extra_eval_dirs]
+        )
         decontam.update(info)
         if info["not_found"]:
             warnings.append(
-                f"evaluation sets not found under {info['eval_dir']} and so not checked: "
+                f"evaluation sets not found under {' or '.join(info['searched'])} and so not checked: "
                 f"{', '.join(info['not_found'])} (set decontaminate.eval_dir, datasets_dir or DAYTUNE_DATASETS)"
             )
         matches = index.check([record_text(r) for r in rows])
