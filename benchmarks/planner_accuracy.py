@@ -82,12 +82,12 @@ def child(name: str, device: str) -> dict:
 
     import torch
 
-    from daytune.plan.devices import _matmul_flops
     from daytune.track import RunDir
+    from daytune.track.flops import measure_peak
     from daytune.train.loop import train
 
     cfg = recipe(name, device)
-    peak = _matmul_flops("float32" if device == "cpu" else "bfloat16", n=1024 if device == "cpu" else 8192)
+    peak = measure_peak(torch.device(device), torch.float32 if device == "cpu" else torch.bfloat16, 0.15)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir.create(tmp, name)
         result = train(cfg, run)

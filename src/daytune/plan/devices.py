@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass, field, replace
 
 from daytune.errors import ConfigError
@@ -124,26 +123,18 @@ def cpu_memory() -> tuple[float, float]:
     return float(total), float(available)
 
 
-def _matmul_flops(dtype_name: str, n: int = 1024, seconds: float = 0.15) -> float:
+def _matmul_flops(dtype_name: str, seconds: float = 0.05) -> float:
+    """Best-of square-matmul FLOP/s on this CPU: the same measurement the tracker's MFU uses."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    (a @ b).sum()  # warm-up
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() > t_end:
-            break
-    return 2 * n**3 / best
+    from daytune.track.flops import measure_peak
+
+    return measure_peak(torch.device("cpu"), getattr(torch, dtype_name), seconds)
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_device() -> Device:
-    """This machine, measured (about half a second): cores, memory, fp32 and bf16 matmul peaks."""
+    """This machine, measured (about 0.2 s): cores, memory, fp32 and bf16 matmul peaks."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -160,7 +151,8 @@ def cpu_device() -> Device:
         peak=peak,
         description=f"this machine: {cores} cores ({torch.get_num_threads()} torch threads), "
         f"{total / 2**30:.1f} GiB",
-        source="measured: cores and memory from the OS, peaks from a 1024x1024 matmul in this process",
+        source="measured: cores and memory from the OS, peaks from a 1024x1024 matmul in this process "
+        "(daytune.track.flops.measure_peak)",
         cores=cores,
         available=available,
     )
