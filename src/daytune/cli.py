@@ -20,6 +20,8 @@ EPILOG = """examples:
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
   daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
   daytune submit runs/<run-id> --out submission/       a Dockerfile folder for the competition
+  daytune plan --model llama-2-7b --method qlora --seq-len 2048 --gpu rtx4090-24gb --budget 24h
+                                                       will it fit, how fast, how much data a day buys
   daytune runs list                                    every run under ./runs: model, method, data, time, loss, eval
   daytune runs compare RUN1 RUN2 --out report.html     loss curves, throughput, memory, config diff, eval CIs
 """
@@ -133,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _serve_parser(sub)
     _submit_parser(sub)
+    _plan_parser(sub)
     _runs_parser(sub)
 
     sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
@@ -708,6 +711,146 @@ def _cmd_export(args, reporter) -> int:
     return 0
 
 
+def _plan_parser(sub) -> None:
+    sp = sub.add_parser(
+        "plan",
+        help="predict memory, fit, speed and what a budget buys, before training (no weights needed)",
+        description="Predict a fine-tuning run before it starts: memory breakdown (weights, trainable parameters, "
+        "gradients, optimizer states, activations with and without checkpointing, logits/loss buffers, "
+        "framework overhead), whether it fits, the largest micro-batch that fits, predicted tokens/s, the tokens "
+        "and epochs the budget buys, and the fastest setup that fits. Models: registered names (see "
+        "`daytune plan --list`), a Hugging Face folder or any model reference daytune resolves (only "
+        "config.json is read).",
+    )
+    sp.add_argument(
+        "--model", help="a registered name (llama-2-7b, mistral-7b, qwen-14b, ...) or a model folder"
+    )
+    sp.add_argument("--recipe", help="take model, method and training settings from a recipe YAML")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    sp.add_argument("--method", help="lora, dora, qlora, full, freeze, adapter, prefix, prompt, ptuning, ia3")
+    sp.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: the recipe's data.max_seq_len)"
+    )
+    sp.add_argument(
+        "--micro-batch", default=None, help="rows per micro-batch, or auto: the largest that fits"
+    )
+    sp.add_argument(
+        "--gpu", "--device", dest="device", default="cpu", help="a100-40gb, rtx4090-24gb, h100-80gb or cpu"
+    )
+    sp.add_argument("--budget", help="wall-clock budget, e.g. 24h: tokens and epochs it buys")
+    sp.add_argument(
+        "--data",
+        help="a training JSONL or dataset folder: epochs, padding and label positions (default: the recipe's)",
+    )
+    sp.add_argument("--precision", help="auto (default), 32-true, bf16-true, bf16-mixed, 16-mixed")
+    sp.add_argument(
+        "--gradient-checkpointing", action="store_true", default=None, help="recompute activations"
+    )
+    sp.add_argument("--optimizer", help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit")
+    sp.add_argument("--packing", action="store_true", default=None, help="pack several examples per row")
+    sp.add_argument("--lora-r", type=int, help="LoRA rank")
+    sp.add_argument("--lora-targets", help="attention, all-linear, or comma-separated module names")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sp.add_argument("--list", action="store_true", help="list the models and devices the planner knows")
+
+
+def _cmd_plan(args, reporter) -> int:
+    import json
+
+    from daytune.budget import parse_duration
+    from daytune.config import RunConfig, load_run_config
+    from daytune.errors import ConfigError
+    from daytune.plan import dataset as plan_data
+    from daytune.plan import setup_from_config
+    from daytune.plan.devices import GPUS, get_device
+    from daytune.plan.models import REGISTRY, resolve_arch
+    from daytune.plan.search import make_plan, render
+
+    if args.list:
+        for a in REGISTRY.values():
+            tag = "" if a.challenge else "  (not a challenge model)"
+            reporter.print(f"{a.name:14s} {a.total_params() / 1e9:6.2f}B  {a.summary()}  [{a.licence}]{tag}")
+        reporter.print("devices: " + ", ".join([*GPUS, "cpu (this machine, measured)"]))
+        return 0
+    overrides = list(args.set)
+    for flag, key in (("method", "train.method"), ("seq_len", "data.max_seq_len"), ("optimizer", "train.optimizer"),
+                      ("lora_r", "train.lora.r"), ("lora_targets", "train.lora.targets")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            value = f"[{value}]" if flag == "lora_targets" and "," in str(value) else value
+            overrides.append(f"{key}={value}")
+    if args.gradient_checkpointing:
+        overrides.append("train.gradient_checkpointing=true")
+    if args.packing:
+        overrides.append("data.packing=true")
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
+    if args.recipe or overrides:
+        cfg = load_run_config(args.recipe, overrides)
+    else:
+        cfg = RunConfig()
+    model_ref = args.model or (cfg.model if args.recipe else None)
+    if not model_ref:
+        raise ConfigError("daytune plan: give --model NAME (see daytune plan --list) or --recipe RECIPE")
+    arch = resolve_arch(model_ref)
+    device = get_device(args.device)
+    precision = cfg.train.precision
+    if precision == "auto":
+        fast_bf16 = device.peak.get("bf16", 0) >= device.peak.get("fp32", 0) / 1.5
+        precision = "bf16-true" if device.kind == "cuda" or fast_bf16 else "32-true"
+    if precision == "16-mixed" and device.kind == "cpu":
+        raise ConfigError("--precision 16-mixed needs a GPU; use 32-true or bf16-true on cpu")
+    raw_mb = (
+        args.micro_batch
+        if args.micro_batch is not None
+        else ("auto" if not args.recipe else cfg.train.micro_batch)
+    )
+    auto = str(raw_mb).strip().lower() == "auto"
+    if not auto:
+        try:
+            mb = int(raw_mb)
+        except ValueError:
+            raise ConfigError(f"--micro-batch: expected a positive integer or auto, got {raw_mb!r}") from None
+        if mb < 1:
+            raise ConfigError(f"--micro-batch: must be at least 1, got {mb}")
+    setup = setup_from_config(cfg, precision, device.kind, micro_batch=1 if auto else mb)
+    budget = parse_duration(args.budget, "--budget") if args.budget else None
+    data = None
+    data_path = args.data or (cfg.data.train if args.recipe else None)  # a recipe's own training data
+    if data_path:
+        tokenizer_dir = _local_tokenizer(model_ref)
+        data = plan_data.measure(
+            data_path, tokenizer_dir, cfg.data.template, cfg.data.max_seq_len, cfg.data.system_prompt
+        )
+        # the batch plan training uses
+        data.seed, data.group_by_length = cfg.train.seed, cfg.data.group_by_length
+    try:
+        plan = make_plan(arch, setup, device, micro_batch_auto=auto, budget_seconds=budget, data=data)
+    except ValueError as e:  # an unknown module name in lora targets
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    reporter.print(render(plan))
+    for note in plan.notes:
+        reporter.print(f"note: {note}")
+    return 0
+
+
+def _local_tokenizer(model_ref: str):
+    """The model's own tokenizer folder when it is on this machine (a folder, or the embedded model)."""
+    from daytune.models.registry import KNOWN_MODELS
+
+    path = Path(model_ref).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return path
+    if model_ref in KNOWN_MODELS:
+        from daytune.models import resolve_model
+
+        return resolve_model(model_ref, log=lambda *a: None)
+    return None
+
+
 def _cmd_models(args, reporter) -> int:
     from daytune.models import KNOWN_MODELS
     from daytune.models.load import daytune_home
@@ -758,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": lambda: _cmd_export(args, reporter),
         "submit": lambda: _cmd_submit(args, reporter),
         "models": lambda: _cmd_models(args, reporter),
+        "plan": lambda: _cmd_plan(args, reporter),
         "runs": lambda: _cmd_runs(args, reporter),
         "data": lambda: _cmd_data(args, reporter),
     }

@@ -100,8 +100,10 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     ia3: IA3Config = field(default_factory=IA3Config)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    micro_batch: int = 4
+    micro_batch: int | str = 4  # rows per forward pass, or "auto": the largest that fits (needs batch_size)
     grad_accum: int = 1
+    batch_size: int | None = None  # rows per optimizer step (all processes); sets grad_accum
+    memory_limit: str | None = None  # micro_batch auto: a try's peak limit ("8GB"); default: what is free
     lr: float = 2e-4
     min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0
@@ -198,6 +200,7 @@ class RunConfig:
                 "examples would not all see them; set packing: false (group_by_length: true also cuts padding)"
             )
         parse_duration(self.train.budget, "train.budget")
+        _validate_batch(self.train)
         for i, backend in enumerate(self.track.backends):
             _choice(f"track.backends[{i}]", backend, TRACK_BACKENDS)
         _choice("track.wandb.mode", self.track.wandb.mode, ("auto", "online", "offline"))
@@ -207,7 +210,6 @@ class RunConfig:
             raise ConfigError(f"track.system_every: must be positive seconds, got {self.track.system_every}")
         for name, value, low in [
             ("data.max_seq_len", self.data.max_seq_len, 8),
-            ("train.micro_batch", self.train.micro_batch, 1),
             ("train.grad_accum", self.train.grad_accum, 1),
             ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
             ("train.lora.r", self.train.lora.r, 1),
@@ -242,6 +244,36 @@ def parse_interval(value: int | str, field_name: str) -> tuple[str, float]:
             raise ConfigError(f"{field_name}: must be at least 1 step, got {value!r}")
         return "steps", float(steps)
     return "seconds", parse_duration(value, field_name)
+
+
+def _validate_batch(tc: TrainConfig) -> None:
+    """micro_batch: a positive integer or "auto" (which needs batch_size); batch_size replaces grad_accum."""
+    if isinstance(tc.micro_batch, str):
+        if tc.micro_batch.strip().lower() != "auto":
+            raise ConfigError(
+                f"train.micro_batch: expected an integer or 'auto', got {tc.micro_batch!r}"
+            )
+        tc.micro_batch = "auto"
+        if tc.batch_size is None:
+            raise ConfigError(
+                "train.micro_batch: auto needs train.batch_size, the rows per optimizer step to keep "
+                "(gradient accumulation makes up the rest), e.g. batch_size: 16"
+            )
+    elif tc.micro_batch < 1:
+        raise ConfigError(f"train.micro_batch: must be at least 1, got {tc.micro_batch}")
+    if tc.batch_size is not None:
+        if tc.batch_size < 1:
+            raise ConfigError(f"train.batch_size: must be at least 1, got {tc.batch_size}")
+        if tc.grad_accum != 1:
+            raise ConfigError("train.batch_size sets the gradient accumulation: leave train.grad_accum at 1")
+        if isinstance(tc.micro_batch, int) and tc.batch_size % tc.micro_batch:
+            raise ConfigError(
+                f"train.batch_size: {tc.batch_size} is not a multiple of micro_batch {tc.micro_batch}"
+            )
+    if tc.memory_limit is not None:
+        from daytune.plan.probe import parse_size
+
+        parse_size(tc.memory_limit, "train.memory_limit")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

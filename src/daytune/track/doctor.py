@@ -6,9 +6,10 @@ Checks: data wait (time building batches on the training thread, measured per st
 utilization (GPU busy % through NVML, or CPU cores busy, and MFU), memory headroom, throughput against the
 planner's prediction, and where the time budget went.
 
-The planner's prediction is read from `plan.json` in the run folder when present (written by `daytune plan` or by
-hand), a JSON object with any of: `tokens_per_s` (predicted non-padding tokens per second), `step_seconds`,
-`peak_memory_mb` (predicted peak device memory), `micro_batch`, `device`, `source`. Unknown keys are ignored.
+The planner's prediction is read from `plan.json` in the run folder when present (written by every training run
+from `daytune.plan`, or by hand), a JSON object with any of: `tokens_per_s` (predicted non-padding tokens per
+second), `step_seconds`, `peak_memory_mb` (predicted peak memory, MiB), `micro_batch`, `max_micro_batch`
+(`with_checkpointing`/`without_checkpointing`), `device`, `source`. Unknown keys are ignored.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def diagnose(run: RunDir) -> list[Finding]:
 
     # -- memory headroom -----------------------------------------------------------------------------------------
     mb = train_cfg.get("micro_batch")
+    if not isinstance(mb, int):  # micro_batch: auto; the summary has what the probe chose
+        mb = train.get("micro_batch")
     gpu_peak = max(
         [s.get("torch_peak_mb", 0) for s in system]
         + [g.get("mem_used_mb") or 0 for s in system for g in s.get("gpus", [])],
@@ -189,16 +192,21 @@ def diagnose(run: RunDir) -> list[Finding]:
                 )
             )
         elif headroom > 0.4 and isinstance(mb, int):
-            grow = max(mb + 1, int(mb * 0.85 * total / used))
+            ckpt = "with" if train_cfg.get("gradient_checkpointing") else "without"
+            planned = (plan.get("max_micro_batch") or {}).get(f"{ckpt}_checkpointing")
+            if isinstance(planned, int) and planned > mb:  # the planner's edge, from the memory model
+                grow, how = planned, "the planner's largest micro-batch for this device"
+            else:
+                grow = max(mb + 1, int(mb * 0.85 * total / used))
+                how = "a conservative estimate that scales all memory with the batch"
             out.append(
                 Finding(
                     "memory_headroom",
                     INFO,
                     round(headroom, 4),
                     msg,
-                    f"memory is not the limit: train.micro_batch {mb} -> about {grow} still fits (a conservative "
-                    "estimate that scales all memory with the batch); lower train.grad_accum to keep the "
-                    "effective batch",
+                    f"memory is not the limit: train.micro_batch {mb} -> about {grow} still fits ({how}); lower "
+                    "train.grad_accum to keep the effective batch (or set micro_batch: auto)",
                 )
             )
         else:

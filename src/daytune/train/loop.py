@@ -35,6 +35,8 @@ from daytune.data.trainset import load_train_data
 from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.models import load_tokenizer, resolve_model
+from daytune.plan import write_run_plan
+from daytune.plan.probe import resolve_micro_batch
 from daytune.progress import Reporter, budget_info
 from daytune.track import RunDir, Tracker, peak_rss_mb
 from daytune.track.doctor import format_findings
@@ -78,6 +80,9 @@ class TrainResult:
     examples: int
     truncated: int
     peak_rss_mb: float
+    micro_batch: int = 0
+    grad_accum: int = 1
+    micro_batch_probe: dict | None = None  # micro_batch auto: the tries and the choice
 
 
 def lr_at(step: int, total_steps: int, lr: float, warmup: int, min_ratio: float) -> float:
@@ -193,6 +198,7 @@ def train(
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    probed = resolve_micro_batch(cfg, model, examples, tokenizer, accelerator, resume, reporter.log)  # auto
     optimizer = methods.make_optimizer(params, tc, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -205,6 +211,8 @@ def train(
         packing=cfg.data.packing,
         group_by_length=cfg.data.group_by_length,
     )
+    if is_main:  # the planner's prediction for this run, to compare with what it measures
+        write_run_plan(run, cfg, model_dir, accelerator.device, precision, examples, stats, reporter.log)
     targets = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]  # loss positions per example
     per_step = tc.grad_accum * world  # micro-batches per optimizer step, all processes
     max_steps = tc.max_steps or max(1, math.ceil(tc.epochs * plan.per_epoch() / per_step))
@@ -251,6 +259,8 @@ def train(
             "best_val": best_val,
             "best_step": best_step,
             "bad_evals": bad_evals,
+            "micro_batch": tc.micro_batch,
+            "grad_accum": tc.grad_accum,
         }
 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -464,6 +474,9 @@ def train(
         examples=len(examples),
         truncated=stats.truncated,
         peak_rss_mb=round(peak_rss_mb(), 1),
+        micro_batch=tc.micro_batch,
+        grad_accum=tc.grad_accum,
+        micro_batch_probe=probed.to_dict() if probed else None,
     )
     if is_main:
         run.update_summary(
