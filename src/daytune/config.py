@@ -250,9 +250,7 @@ def _validate_batch(tc: TrainConfig) -> None:
     """micro_batch: a positive integer or "auto" (which needs batch_size); batch_size replaces grad_accum."""
     if isinstance(tc.micro_batch, str):
         if tc.micro_batch.strip().lower() != "auto":
-            raise ConfigError(
-                f"train.micro_batch: expected an integer or 'auto', got {tc.micro_batch!r}"
-            )
+            raise ConfigError(f"train.micro_batch: expected an integer or 'auto', got {tc.micro_batch!r}")
         tc.micro_batch = "auto"
         if tc.batch_size is None:
             raise ConfigError(
