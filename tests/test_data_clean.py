@@ -70,3 +70,21 @@ def test_exact_and_near_duplicates_keep_the_first():
     assert set(near) == {1, 2} and near[2][0] == 0 and 0.7 <= near[2][1] <= 1
     assert set(naive_near_duplicates(texts, threshold=0.7)) == {1, 2}
     assert words("Don't stop") == ["don", "t", "stop"]
+
+
+def test_every_evaluation_set_reads_from_both_layouts(shared_data):
+    """The data stage decontaminates against the sets the suites score: the shipped samples (the quick suite's
+    layout) and the full datasets folder. TruthfulQA comes as the CSV or as the multiple-choice JSON."""
+    from conftest import EXAMPLES
+
+    from daytune.data.evalsets import EVAL_SETS, find_files, read_eval_set
+
+    samples = EXAMPLES / "data" / "eval"
+    for name in ("mmlu", "gsm8k", "truthfulqa", "bbq", "openbookqa", "wikitext2"):
+        items = read_eval_set(name, find_files(samples, EVAL_SETS[name]))
+        assert items and all(text.strip() for _, text in items), name
+    tqa = read_eval_set("truthfulqa", find_files(samples, EVAL_SETS["truthfulqa"]))
+    assert tqa[0][0] == "truthfulqa/mc_task.json:0" and "pomegranate" in tqa[0][1]
+    full = find_files(shared_data, EVAL_SETS["truthfulqa"])  # both layouts there: the CSV wins, no doubles
+    assert [p.name for p in full] == ["TruthfulQA.csv"]
+    assert len(read_eval_set("truthfulqa", full)) == 817

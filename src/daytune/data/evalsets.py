@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class EvalSet:
     patterns: tuple[str, ...]  # files inside the datasets folder
     read: Callable[[Path], Iterator[Item]]
     description: str
+    alternatives: bool = False  # the patterns are the same set in other layouts: the first that matches wins
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -44,6 +46,11 @@ def _mmlu(path: Path) -> Iterator[Item]:
 
 
 def _truthfulqa(path: Path) -> Iterator[Item]:
+    if path.suffix == ".json":  # the multiple-choice layout (mc_task.json): question + every answer
+        for i, row in enumerate(json.loads(read_text(path))):
+            answers = [a for key in ("mc1_targets", "mc2_targets") for a in row.get(key, {})]
+            yield f"{path.name}:{i}", "\n".join([row["question"], *dict.fromkeys(answers)])
+        return
     for line, row in _csv_rows(path):
         parts = [
             row.get(k) or "" for k in ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
@@ -86,7 +93,13 @@ EVAL_SETS: dict[str, EvalSet] = {
             "mmlu", ("mmlu/test/*.csv", "mmlu/dev/*.csv"), _mmlu, "MMLU test and dev (question + choices)"
         ),
         EvalSet("gsm8k", ("gsm8k/test.jsonl",), _json_fields("question", "answer"), "GSM8K test"),
-        EvalSet("truthfulqa", ("truthfulqa/TruthfulQA.csv",), _truthfulqa, "TruthfulQA (question + answers)"),
+        EvalSet(
+            "truthfulqa",
+            ("truthfulqa/TruthfulQA.csv", "truthfulqa/mc_task.json"),
+            _truthfulqa,
+            "TruthfulQA (question + answers)",
+            alternatives=True,
+        ),
         EvalSet("bbq", ("bbq/*.jsonl",), _json_fields("context", "question"), "BBQ (context + question)"),
         EvalSet(
             "openbookqa", ("openbookqa/test.jsonl",), _json_fields("question", "options"), "OpenBookQA test"
@@ -105,7 +118,10 @@ def default_datasets_dir() -> Path:
 
 
 def find_files(folder: Path, es: EvalSet) -> list[Path]:
-    return sorted({p for pat in es.patterns for p in folder.glob(pat) if p.is_file()})
+    found = [sorted(p for p in folder.glob(pat) if p.is_file()) for pat in es.patterns]
+    if es.alternatives:
+        return next((files for files in found if files), [])
+    return sorted({p for files in found for p in files})
 
 
 def read_eval_set(name: str, files: list[Path]) -> list[Item]:
