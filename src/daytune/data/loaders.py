@@ -85,52 +85,36 @@ def _rows(files: list[Path], policy: ErrorPolicy, convert) -> list[dict]:
 # ---- single-turn instruction formats ------------------------------------------------------------------------
 
 
-def load_dolly(files, name, opts, policy, out: Loaded) -> None:
-    """databricks-dolly-15k: {instruction, context, response, category}."""
+def _single_turn(
+    instruction: str, output: str, input: str | None = None, meta: str | None = None, clean=None
+):
+    """A loader for formats where each row is one instruction/response pair, named by the format's own fields."""
 
-    def convert(where, obj, n):
-        return make_record(
-            source=name,
-            id=f"{name}-{n}",
-            instruction=_str(obj, "instruction", where),
-            input=_str(obj, "context", where, False),
-            output=_str(obj, "response", where),
-            meta={"category": obj["category"]} if isinstance(obj.get("category"), str) else None,
-        )
+    def load(files, name, opts, policy, out: Loaded) -> None:
+        def convert(where, obj, n):
+            response = _str(obj, output, where)
+            return make_record(
+                source=name,
+                id=f"{name}-{n}",
+                instruction=_str(obj, instruction, where),
+                input=_str(obj, input, where, False) if input else "",
+                output=clean(response) if clean else response,
+                meta={meta: obj[meta]} if meta and isinstance(obj.get(meta), str) else None,
+            )
 
-    out.records += _rows(files, policy, convert)
+        out.records += _rows(files, policy, convert)
 
-
-def load_alpaca(files, name, opts, policy, out: Loaded) -> None:
-    """Alpaca format: a JSON array (or JSON lines) of {instruction, input, output}."""
-
-    def convert(where, obj, n):
-        return make_record(
-            source=name,
-            id=f"{name}-{n}",
-            instruction=_str(obj, "instruction", where),
-            input=_str(obj, "input", where, False),
-            output=_str(obj, "output", where),
-        )
-
-    out.records += _rows(files, policy, convert)
+    return load
 
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
-
-def load_gsm8k(files, name, opts, policy, out: Loaded) -> None:
-    """GSM8K: {question, answer}; the answer's calculator annotations (<<48/2=24>>) are a dataset artifact."""
-
-    def convert(where, obj, n):
-        return make_record(
-            source=name,
-            id=f"{name}-{n}",
-            instruction=_str(obj, "question", where),
-            output=_CALCULATOR.sub("", _str(obj, "answer", where)),
-        )
-
-    out.records += _rows(files, policy, convert)
+# databricks-dolly-15k: {instruction, context, response, category}
+load_dolly = _single_turn("instruction", "response", input="context", meta="category")
+# Alpaca format: a JSON array (or JSON lines) of {instruction, input, output}
+load_alpaca = _single_turn("instruction", "output", input="input")
+# GSM8K: {question, answer}; the answer's calculator annotations (<<48/2=24>>) are a dataset artifact
+load_gsm8k = _single_turn("question", "answer", clean=lambda text: _CALCULATOR.sub("", text))
 
 
 def load_daytune(files, name, opts, policy, out: Loaded) -> None:
