@@ -92,45 +92,47 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
 
 
+def write_tiny_recipe(folder: Path, model_dir: Path, **sections) -> Path:
+    """A recipe for the tiny model (a few steps on the GSM8K sample), with sections overridden key by key."""
+    import yaml
+
+    cfg = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "data": {
+            "train": str(EXAMPLES / "data" / "gsm8k_train.jsonl"),
+            "max_rows": 32,
+            "max_seq_len": 256,
+        },
+        "train": {
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "max_steps": 4,
+            "precision": "32-true",
+            "checkpoint_every": 2,
+            "lora": {"dropout": 0.0},
+        },
+        "eval": {
+            "heldout": str(EXAMPLES / "data" / "gsm8k_test.jsonl"),
+            "heldout_rows": 8,
+            "multiple_choice": str(EXAMPLES / "data" / "mmlu_test.jsonl"),
+            "multiple_choice_rows": 8,
+        },
+        "out_dir": str(folder / "runs"),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir):
     """Write a recipe for the tiny model and return a function that writes it with overrides applied."""
-    import yaml
-
-    def make(**sections) -> Path:
-        cfg = {
-            "name": "tiny",
-            "model": str(tiny_model_dir),
-            "data": {
-                "train": str(EXAMPLES / "data" / "gsm8k_train.jsonl"),
-                "max_rows": 32,
-                "max_seq_len": 256,
-            },
-            "train": {
-                "micro_batch": 4,
-                "grad_accum": 1,
-                "lr": 1e-3,
-                "warmup_steps": 1,
-                "max_steps": 4,
-                "precision": "32-true",
-                "checkpoint_every": 2,
-                "lora": {"dropout": 0.0},
-            },
-            "eval": {
-                "heldout": str(EXAMPLES / "data" / "gsm8k_test.jsonl"),
-                "heldout_rows": 8,
-                "multiple_choice": str(EXAMPLES / "data" / "mmlu_test.jsonl"),
-                "multiple_choice_rows": 8,
-            },
-            "out_dir": str(tmp_path / "runs"),
-        }
-        for section, values in sections.items():
-            if isinstance(values, dict) and isinstance(cfg.get(section), dict):
-                cfg[section].update(values)
-            else:
-                cfg[section] = values
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        return path
-
-    return make
+    return lambda **sections: write_tiny_recipe(tmp_path, tiny_model_dir, **sections)

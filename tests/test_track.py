@@ -29,34 +29,18 @@ def tracked_run(tmp_path_factory, tiny_model_dir):
     """One tiny run with both backends on (W&B offline, MLflow on SQLite), trained and evaluated."""
     import os
 
-    import yaml
-    from conftest import EXAMPLES
+    from conftest import write_tiny_recipe
 
     tmp = tmp_path_factory.mktemp("tracked")
     os.environ["WANDB_MODE"] = "offline"  # never the network
-    cfg = {
-        "name": "tiny",
-        "model": str(tiny_model_dir),
-        "data": {"train": str(EXAMPLES / "data" / "gsm8k_train.jsonl"), "max_rows": 24, "max_seq_len": 192},
-        "train": {
-            "micro_batch": 4,
-            "max_steps": 3,
-            "warmup_steps": 1,
-            "precision": "32-true",
-            "checkpoint_every": 2,
-            "lora": {"dropout": 0.0},
-        },
-        "eval": {
-            "heldout": str(EXAMPLES / "data" / "gsm8k_test.jsonl"),
-            "heldout_rows": 4,
-            "multiple_choice": str(EXAMPLES / "data" / "mmlu_test.jsonl"),
-            "multiple_choice_rows": 4,
-        },
-        "track": {"backends": ["wandb", "mlflow"], "system_every": 0.2, "wandb": {"log_model": "all"}},
-        "out_dir": str(tmp / "runs"),
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path = write_tiny_recipe(
+        tmp,
+        tiny_model_dir,
+        data={"max_rows": 24, "max_seq_len": 192},
+        train={"max_steps": 3, "lr": 2e-4},
+        eval={"heldout_rows": 4, "multiple_choice_rows": 4},
+        track={"backends": ["wandb", "mlflow"], "system_every": 0.2, "wandb": {"log_model": "all"}},
+    )
     try:
         yield _run(path)
     finally:
@@ -162,7 +146,11 @@ def test_wandb_offline_holds_the_run_store_numbers(tracked_run):
         for key in ("loss", "learning_rate", "grad_norm", "iter_time", "throughput/tokens_per_sec",
                     "throughput/samples_per_sec", "throughput/device/mfu", "time/total", "samples", "total_tokens"):  # fmt: skip
             assert row[key] == pytest.approx(expected[key], rel=1e-12), key
-        assert any(k.startswith("system/") for k in row)  # system samples join the step rows
+    # the latest system sample taken during a step joins that step's row (a step shorter than the sampling interval
+    # has none); every value is one of system.jsonl's samples
+    joined = [row["system/cpu_percent"] for row in history.values() if "system/cpu_percent" in row]
+    sampled = {s["cpu_percent"] for s in tracked_run.read_system()}
+    assert joined and set(joined) <= sampled
     kinds = [k for k, _ in artifacts]
     assert kinds.count("checkpoint") == 2 and kinds.count("model") == 1  # log_model: all
     model_meta = next(meta for k, meta in artifacts if k == "model")
