@@ -4,6 +4,7 @@ method x device, `daytune plan`, and `train.micro_batch: auto` (probe, accumulat
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -350,7 +351,29 @@ def _rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peaks")
-def test_micro_batch_auto_probes_then_trains_like_the_fixed_choice(tiny_recipe, tiny_model_dir):
+def test_micro_batch_auto_probes_then_trains_like_the_fixed_choice():
+    """Run the test below in a fresh process: on CPU the probe reads the process's peak resident memory, and the heap
+    that earlier tests freed (but the allocator kept) would absorb the tries' growth."""
+    import subprocess
+    import sys
+
+    body = f"{__file__}::test_micro_batch_auto_in_a_fresh_process"
+    env = {**os.environ, "DAYTUNE_FRESH_PROCESS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", body],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    os.environ.get("DAYTUNE_FRESH_PROCESS") != "1",
+    reason="runs in its own process (the test above)",
+)
+def test_micro_batch_auto_in_a_fresh_process(tiny_recipe, tiny_model_dir):
     """Real forward/backward tries against train.memory_limit pick the micro-batch; accumulation keeps the batch;
     the probe leaves nothing behind: training afterwards equals a run with that micro-batch set by hand."""
     from test_train import new_run
