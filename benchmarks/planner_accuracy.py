@@ -82,8 +82,8 @@ def child(name: str, device: str) -> dict:
 
     import torch
 
+    from daytune.hardware import measure_peak
     from daytune.track import RunDir
-    from daytune.track.flops import measure_peak
     from daytune.train.loop import train
 
     cfg = recipe(name, device)
@@ -121,9 +121,9 @@ def measure(name: str, device: str) -> dict:
 def predict_run(name: str, device: str) -> tuple[dict, object]:
     """The planner's peak and speed for exactly the micro-batches that run `name` trains on."""
     from daytune.data.batching import BatchPlan
+    from daytune.hardware import cpu_device, detect
     from daytune.models import resolve_model
     from daytune.plan import dataset, setup_from_config
-    from daytune.plan.devices import cpu_device, detect
     from daytune.plan.memory import breakdown
     from daytune.plan.models import resolve_arch
     from daytune.plan.throughput import flops_per_token, predict

@@ -54,14 +54,27 @@ def train_trajectory(tmp: Path, model_dir: Path) -> dict:
     (run,) = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r["loss"] for r in records if "loss" in r and r.get("step") is not None][:10]
-    return {"losses": losses, "adapter_sha256": tensors_checksum(run / "adapter" / "adapter_model.safetensors")}
+    return {
+        "losses": losses,
+        "adapter_sha256": tensors_checksum(run / "adapter" / "adapter_model.safetensors"),
+    }
 
 
 def eval_outputs(tmp: Path, model_dir: Path) -> dict:
     from daytune.cli import main
 
     out = tmp / "eval"
-    args = ["eval", "--model", str(model_dir), "--suite", "quick", "--max-instances", "2", "--bootstrap", "50"]
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--suite",
+        "quick",
+        "--max-instances",
+        "2",
+        "--bootstrap",
+        "50",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     pinned = {}
@@ -84,7 +97,13 @@ def server_outputs(model_dir: Path) -> list:
         {"prompt": "Natalia sold clips to", "max_new_tokens": 12, "temperature": 1e-7},
         {"prompt": "The answer is", "max_new_tokens": 10, "echo_prompt": True, "top_k_per_token": 3},
         {"prompt": "Weng earns $12 an hour", "max_new_tokens": 16, "stop_sequences": ["\n", "."]},
-        {"prompt": "Q: 2+2? A:", "max_new_tokens": 8, "num_return_sequences": 2, "temperature": 0.8, "seed": 7},
+        {
+            "prompt": "Q: 2+2? A:",
+            "max_new_tokens": 8,
+            "num_return_sequences": 2,
+            "temperature": 0.8,
+            "seed": 7,
+        },
         # sampled from a near-uniform model: many different tokens through the detokenizer and the stop cutter
         {"prompt": "Janet", "max_new_tokens": 40, "temperature": 1.0, "seed": 3, "stop_sequences": ["ing"]},
         {"prompt": "Janet", "max_new_tokens": 40, "temperature": 1.0, "seed": 5, "top_k_per_token": 2},

@@ -1,8 +1,9 @@
 import pytest
 
-from daytune.budget import Budget, format_duration, parse_duration
+from daytune.budget import Budget
 from daytune.config import RunConfig, load_run_config
 from daytune.errors import ConfigError
+from daytune.units import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -136,7 +137,7 @@ def test_example_data_recipes_validate(recipe):
 
 
 def test_interval_parsing():
-    from daytune.config import parse_interval
+    from daytune.units import parse_interval
 
     assert parse_interval(50, "x") == ("steps", 50.0) and parse_interval("50", "x") == ("steps", 50.0)
     assert parse_interval("10m", "x") == ("seconds", 600.0)

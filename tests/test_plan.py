@@ -15,12 +15,13 @@ import transformers
 from daytune.cli import main
 from daytune.config import TrainConfig, load_run_config
 from daytune.errors import ConfigError
-from daytune.plan.devices import GPUS, cpu_device
+from daytune.hardware import GPUS, cpu_device
 from daytune.plan.memory import METHODS, Setup, activation_bytes, breakdown
 from daytune.plan.models import REGISTRY, arch_from_config, resolve_arch
-from daytune.plan.probe import Try, largest_that_fits, parse_size, probe_micro_batch, worst_batches
+from daytune.plan.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
 from daytune.plan.search import make_plan, max_micro_batch
 from daytune.plan.throughput import efficiency, flops_per_token
+from daytune.units import parse_size
 
 V = 512
 
@@ -220,7 +221,7 @@ def test_plan_table_names_every_part(capsys):
 def test_a_training_run_detects_its_gpu(monkeypatch, gpu, gib, name, bf16):
     from types import SimpleNamespace
 
-    from daytune.plan.devices import detect
+    from daytune.hardware import detect
 
     props = SimpleNamespace(name=gpu, total_memory=int(gib * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
@@ -429,3 +430,20 @@ def test_micro_batch_auto_in_a_fresh_process(tiny_recipe, tiny_model_dir):
     by_hand = train(fixed, new_run(fixed))
     assert by_hand.micro_batch_probe is None and by_hand.grad_accum == auto.grad_accum
     assert by_hand.final_loss == pytest.approx(auto.final_loss, rel=1e-6)
+
+
+def test_planned_precision_follows_the_training_rule():
+    """`daytune plan` and a training run pick `auto` precision by one rule (daytune.hardware)."""
+    from daytune.hardware import GPUS, Device, auto_precision, planned_precision
+
+    assert planned_precision("auto", GPUS["a100-40gb"]) == "bf16-true" == auto_precision("cuda", True)
+    old_gpu = Device("v100-like", "cuda", 16 * 2**30, peak={"fp16": 125e12, "fp32": 15.7e12})
+    assert planned_precision("auto", old_gpu) == "16-mixed" == auto_precision("cuda", False)
+    slow_bf16 = Device("cpu", "cpu", 2**34, peak={"fp32": 1e11, "bf16": 3e9})
+    fast_bf16 = Device("cpu", "cpu", 2**34, peak={"fp32": 1e11, "bf16": 2e11})
+    assert (
+        planned_precision("auto", slow_bf16) == "32-true"
+        and planned_precision("auto", fast_bf16) == "bf16-true"
+    )
+    with pytest.raises(ConfigError, match="--precision: 16-mixed needs a GPU"):
+        planned_precision("16-mixed", slow_bf16)

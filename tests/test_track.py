@@ -238,7 +238,8 @@ def test_backend_names_follow_the_lit_gpt_logger():
 def test_flops_count_matches_a_hand_count(tiny_model):
     import torch
 
-    from daytune.track.flops import ModelFlops, compute_dtype, table_peak
+    from daytune.hardware import compute_dtype, table_peak
+    from daytune.track.flops import ModelFlops
 
     model, _ = tiny_model
     f = ModelFlops.of(model)

@@ -7,51 +7,8 @@ takes longer.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
-
-from daytune.errors import ConfigError
-
-_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|hr|h|min|m|sec|s)")
-
-
-def parse_duration(value: str | int | float | None, field_name: str = "budget") -> float | None:
-    """'3m', '24h', '1h30m', '90s', '90' (seconds) or a number of seconds -> seconds. None/'none' -> None."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"{field_name}: expected a duration like '3m' or '24h', got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        if text in ("", "none", "null", "inf", "unlimited"):
-            return None
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
-        else:
-            compact = text.replace(" ", "")
-            parts = _PART.findall(compact)
-            if not parts or "".join(n + u for n, u in parts) != compact:
-                raise ConfigError(
-                    f"{field_name}: cannot parse duration {value!r}; use a number of seconds or units "
-                    "s/m/h/d, e.g. '90s', '3m', '1h30m', '24h'"
-                )
-            seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise ConfigError(f"{field_name}: duration must be positive, got {value!r}")
-    return seconds
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "∞"
-    seconds = max(0, int(round(seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 @dataclass

@@ -757,14 +757,14 @@ def _plan_parser(sub) -> None:
 def _cmd_plan(args, reporter) -> int:
     import json
 
-    from daytune.budget import parse_duration
     from daytune.config import RunConfig, load_run_config
     from daytune.errors import ConfigError
+    from daytune.hardware import GPUS, get_device, planned_precision
     from daytune.plan import dataset as plan_data
     from daytune.plan import setup_from_config
-    from daytune.plan.devices import GPUS, get_device
     from daytune.plan.models import REGISTRY, resolve_arch
     from daytune.plan.search import make_plan, render
+    from daytune.units import parse_duration
 
     if args.list:
         for a in REGISTRY.values():
@@ -794,12 +794,7 @@ def _cmd_plan(args, reporter) -> int:
         raise ConfigError("daytune plan: give --model NAME (see daytune plan --list) or --recipe RECIPE")
     arch = resolve_arch(model_ref)
     device = get_device(args.device)
-    precision = cfg.train.precision
-    if precision == "auto":
-        fast_bf16 = device.peak.get("bf16", 0) >= device.peak.get("fp32", 0) / 1.5
-        precision = "bf16-true" if device.kind == "cuda" or fast_bf16 else "32-true"
-    if precision == "16-mixed" and device.kind == "cpu":
-        raise ConfigError("--precision 16-mixed needs a GPU; use 32-true or bf16-true on cpu")
+    precision = planned_precision(cfg.train.precision, device)  # the rule training applies, on this device
     raw_mb = (
         args.micro_batch
         if args.micro_batch is not None

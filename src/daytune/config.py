@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from daytune.budget import parse_duration
 from daytune.errors import ConfigError
+from daytune.units import parse_duration, parse_interval, parse_size
 
 PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed")
 TEMPLATES = ("chat", "alpaca")
@@ -236,16 +236,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def parse_interval(value: int | str, field_name: str) -> tuple[str, float]:
-    """An interval in optimizer steps (50, "50") or wall-clock time ("10m") -> ("steps", 50) / ("seconds", 600)."""
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
-        steps = int(value)
-        if steps < 1:
-            raise ConfigError(f"{field_name}: must be at least 1 step, got {value!r}")
-        return "steps", float(steps)
-    return "seconds", parse_duration(value, field_name)
-
-
 def _validate_batch(tc: TrainConfig) -> None:
     """micro_batch: a positive integer or "auto" (which needs batch_size); batch_size replaces grad_accum."""
     if isinstance(tc.micro_batch, str):
@@ -269,8 +259,6 @@ def _validate_batch(tc: TrainConfig) -> None:
                 f"train.batch_size: {tc.batch_size} is not a multiple of micro_batch {tc.micro_batch}"
             )
     if tc.memory_limit is not None:
-        from daytune.plan.probe import parse_size
-
         parse_size(tc.memory_limit, "train.memory_limit")
 
 

@@ -109,7 +109,7 @@ def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from daytune.train.precision import pick_device
+    from daytune.hardware import pick_device
 
     state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")  # the same state train() will use
     holder = [None]

@@ -56,12 +56,12 @@ def write_run_plan(
     import json
     from pathlib import Path
 
-    from daytune.budget import parse_duration
     from daytune.fileio import write_json_atomic
+    from daytune.hardware import detect
     from daytune.plan.dataset import from_examples
-    from daytune.plan.devices import detect
     from daytune.plan.models import ModelError, arch_from_config
     from daytune.plan.search import make_plan
+    from daytune.units import parse_duration
 
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))

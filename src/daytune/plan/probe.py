@@ -16,35 +16,13 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from daytune.errors import ConfigError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}  # fmt: skip
-
-
-def parse_size(value, field: str = "train.memory_limit") -> int | None:
-    """'8GB', '7.5GiB', '6000MB' or a number of bytes -> bytes; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"{field}: expected a size like '8GB', got {value!r}")
-    if isinstance(value, (int, float)):
-        size = float(value)
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise ConfigError(f"{field}: cannot parse size {value!r}; use e.g. '8GB', '7.5GiB' or bytes")
-        size = float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
-    if size <= 0:
-        raise ConfigError(f"{field}: must be positive, got {value!r}")
-    return int(size)
+from daytune.units import parse_size
 
 
 def accumulation(batch_size: int, micro_batch: int, world: int, field: str = "train.batch_size") -> int:
@@ -137,7 +115,7 @@ def cpu_ceiling_mb(limit: int | None) -> float:
     """The memory a CPU run may use: the configured limit, else 90 % of (free memory + what we already hold)."""
     if limit:
         return limit / 2**20
-    from daytune.plan.devices import cpu_memory
+    from daytune.hardware import cpu_memory
 
     _, available = cpu_memory()
     return 0.9 * (available / 2**20 + (_current_rss_mb() or 0.0))
@@ -329,4 +307,4 @@ def resolve_micro_batch(
     return ProbeResult(mb, tc.grad_accum, best, round(limit_mb, 1), tries, round(time.perf_counter() - t0, 2))
 
 
-__all__ = ["parse_size", "accumulation", "resolve_micro_batch", "probe_micro_batch", "largest_that_fits"]
+__all__ = ["accumulation", "resolve_micro_batch", "probe_micro_batch", "largest_that_fits"]

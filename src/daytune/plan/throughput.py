@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from daytune.plan.devices import Device
+from daytune.hardware import Device
 from daytune.plan.memory import TORCHTUNE_2024, Setup, trainable_params
 from daytune.plan.models import REGISTRY, Arch
 
@@ -120,7 +120,7 @@ def efficiency(kind: str, method: str) -> tuple[float, list[str]]:
     """Achieved share of peak for this device kind and method class, from the reference runs (their median: CPU
     runs on a shared machine have outliers), and the sources it rests on. Falls back to the frozen-base class,
     then to any run of the kind."""
-    from daytune.plan.devices import GPUS
+    from daytune.hardware import GPUS
 
     runs = [r for r in _reference_runs() if (r.device == "cpu") == (kind == "cpu")]
     for wanted in (method_class(method), "frozen-base", None):

@@ -128,7 +128,7 @@ class ServeModel:
     ):
         import threading
 
-        from daytune.train.precision import pick_device
+        from daytune.hardware import pick_device
 
         self.model_ref = model_ref
         self.adapter = str(adapter) if adapter else None

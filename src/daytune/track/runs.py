@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from daytune.budget import format_duration
 from daytune.errors import RunError
 from daytune.track.runstore import RunDir
+from daytune.units import format_duration
 
 RUNS_ENV = "DAYTUNE_RUNS"
 

@@ -150,8 +150,9 @@ class Tracker:
                 np.random.set_state(np_state)
 
     def _start(self, model, device, precision: str, world: int, data: dict) -> Tracker:
+        from daytune.hardware import device_peak
         from daytune.track.env import environment, snapshot_code
-        from daytune.track.flops import ModelFlops, device_peak
+        from daytune.track.flops import ModelFlops
         from daytune.track.system import SystemSampler
 
         tc, path = self.cfg.track, self.run.path

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import torch
 
-from daytune.budget import Budget, parse_duration
-from daytune.config import RunConfig, parse_interval
+from daytune.budget import Budget
+from daytune.config import RunConfig
 from daytune.data import encode_records
 from daytune.data.batching import BatchPlan, make_batch
 from daytune.data.jsonl import read_records
 from daytune.data.trainset import load_train_data
 from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
+from daytune.hardware import autocast_kind, param_dtype, pick_device, resolve_precision
 from daytune.models import load_tokenizer, resolve_model
 from daytune.plan import write_run_plan
 from daytune.plan.probe import resolve_micro_batch
@@ -50,7 +51,7 @@ from daytune.train.checkpoint import (
     write_weights,
 )
 from daytune.train.memory import return_freed_memory
-from daytune.train.precision import autocast_kind, param_dtype, pick_device, resolve_precision
+from daytune.units import parse_duration, parse_interval
 
 
 @dataclass
