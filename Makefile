@@ -32,9 +32,11 @@ bench: setup
 	$(PIP) -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/train_throughput.py
 
+# ruff, and the import layers of docs/architecture.md (import-linter: pyproject.toml [tool.importlinter])
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Optional: HELM's own HTTP client in a separate venv (never the main one), so tests/test_serve_helm.py can drive
 # the server with HELM's HTTPModelClient and HTTPModelTokenizer. Tests skip without it; CI does not need it.
