@@ -18,7 +18,7 @@ from daytune.errors import ConfigError
 from daytune.hardware import GPUS, cpu_device
 from daytune.plan.memory import METHODS, Setup, activation_bytes, breakdown
 from daytune.plan.models import REGISTRY, arch_from_config, resolve_arch
-from daytune.plan.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
+from daytune.train.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
 from daytune.plan.search import make_plan, max_micro_batch
 from daytune.plan.throughput import efficiency, flops_per_token
 from daytune.units import parse_size

@@ -37,7 +37,7 @@ from daytune.errors import DataError, RunError
 from daytune.hardware import autocast_kind, param_dtype, pick_device, resolve_precision
 from daytune.models import load_tokenizer, resolve_model
 from daytune.plan import write_run_plan
-from daytune.plan.probe import resolve_micro_batch
+from daytune.train.probe import resolve_micro_batch
 from daytune.progress import Reporter, budget_info
 from daytune.track import RunDir, Tracker, peak_rss_mb
 from daytune.track.doctor import format_findings
