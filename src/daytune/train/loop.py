@@ -62,8 +62,8 @@ from daytune.units import parse_duration, parse_interval
 
 @dataclass
 class Session:
-    """Everything `setup` builds and `fit` uses. During training only `state`, the budget's clock and the
-    model and optimizer change."""
+    """Everything `setup` builds and `fit` uses. During training only `state` (the counters a checkpoint
+    saves), the budget, the model, the optimizer and the tracker change."""
 
     cfg: RunConfig
     run: RunDir
@@ -206,9 +206,8 @@ def fit(s: Session) -> TrainResult:
                 break
             t_step = time.perf_counter()
             first = st.step * s.per_step
-            micro = [
-                s.plan.get(first + j) for j in range(s.per_step)
-            ]  # every process's micro-batches, in order
+            # every process's micro-batches, in order; this process takes every world-th one
+            micro = [s.plan.get(first + j) for j in range(s.per_step)]
             n_target = sum(s.targets[i] for mb in micro for row in mb for i in row)
             done = forward_backward(s, micro[s.rank :: s.world], n_target, t_step)
             if done is None:  # the step would end past the deadline: drop it, keep the last complete state
@@ -230,11 +229,9 @@ def fit(s: Session) -> TrainResult:
             budget.record_step(dt)
             n_tokens = sum(plan_tokens(s.plan, s.examples, mb) for mb in micro)
             padded = sum(plan_positions(s.plan, s.examples, mb) for mb in micro)
-            st.tokens, st.trained_tokens, st.padded = (
-                st.tokens + n_tokens,
-                st.trained_tokens + n_target,
-                st.padded + padded,
-            )
+            st.tokens += n_tokens
+            st.trained_tokens += n_target
+            st.padded += padded
             st.train_seconds += dt
             last_loss = world_sum(s, loss_sum) / max(1, n_target)
 
@@ -260,9 +257,8 @@ def fit(s: Session) -> TrainResult:
                 record["val_loss"] = round(val_loss, 6)
                 eval_seconds = time.perf_counter() - t_eval
             lengths = [len(s.examples[i].input_ids) for mb in micro for row in mb for i in row]
-            s.tracker.log(
-                record, lengths
-            )  # adds samples/s, FLOPs, MFU; writes metrics.jsonl; feeds W&B/MLflow
+            # the tracker adds samples/s, FLOPs, MFU; writes metrics.jsonl; feeds W&B/MLflow
+            s.tracker.log(record, lengths)
             bar.update(
                 st.step,
                 f"loss {last_loss:.3f}  {n_tokens / dt:.0f} tok/s  "
