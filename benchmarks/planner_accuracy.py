@@ -83,14 +83,14 @@ def child(name: str, device: str) -> dict:
     import torch
 
     from daytune.hardware import measure_peak
+    from daytune.pipeline import train_run
     from daytune.track import RunDir
-    from daytune.train.loop import train
 
     cfg = recipe(name, device)
     peak = measure_peak(torch.device(device), torch.float32 if device == "cpu" else torch.bfloat16, 0.15)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir.create(tmp, name)
-        result = train(cfg, run)
+        result = train_run(cfg, run)
         metrics = run.read_metrics()
         plan = json.loads((run.path / "plan.json").read_text())
     last = metrics[-1]  # the first step includes warm-up

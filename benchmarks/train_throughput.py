@@ -90,8 +90,8 @@ def records():
 # ---- runners (each in its own process) ---------------------------------------------------------------------------
 def run_daytune(full: bool, device: str, steps: int, warmup: int) -> dict:
     from daytune.config import RunConfig
+    from daytune.pipeline import train_run
     from daytune.track import RunDir
-    from daytune.train.loop import train
 
     cfg = RunConfig(model=str(model_path(device)))
     cfg.data.train, cfg.data.max_seq_len, cfg.data.packing = str(DATA), SEQ, True
@@ -109,7 +109,7 @@ def run_daytune(full: bool, device: str, steps: int, warmup: int) -> dict:
     tc.device = device
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir.create(tmp, "bench")
-        train(cfg, run)
+        train_run(cfg, run)
         metrics = run.read_metrics()[warmup:]
     return {
         "tokens": sum(m["tokens"] for m in metrics),

@@ -7,8 +7,9 @@ from test_train import new_run
 
 from daytune.config import load_run_config
 from daytune.errors import ConfigError
+from daytune.pipeline import train_run
 from daytune.train import methods
-from daytune.train.loop import find_resume_checkpoint, train
+from daytune.train.loop import find_resume_checkpoint
 
 IDS = torch.tensor([[5, 77, 123, 9, 300, 41, 8, 17]])
 
@@ -39,7 +40,7 @@ def test_method_trains_saves_and_reloads(method, extra, tiny_recipe, tiny_model_
         pytest.importorskip("bitsandbytes")
     cfg = load_run_config(tiny_recipe(train={"method": method, "max_steps": 3, "lr": 1e-2, **extra}))
     run = new_run(cfg)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.steps == 3 and result.final_loss is not None
     out = run.path / methods.output_name(method)
     assert out == run.trained and out.is_dir()
@@ -99,7 +100,7 @@ def test_8bit_optimizer_trains(tiny_recipe):
     pytest.importorskip("bitsandbytes")
     cfg = load_run_config(tiny_recipe(train={"optimizer": "adamw_8bit", "max_steps": 2}))
     run = new_run(cfg)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.steps == 2 and result.final_loss == result.final_loss  # finite
 
 
@@ -108,6 +109,6 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_recipe):
     for gc in (False, True):
         cfg = load_run_config(tiny_recipe(train={"gradient_checkpointing": gc, "max_steps": 1}))
         run = new_run(cfg)
-        train(cfg, run)
+        train_run(cfg, run)
         weights.append(load_file(str(find_resume_checkpoint(run) / "weights.safetensors")))
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])

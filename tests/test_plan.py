@@ -18,9 +18,9 @@ from daytune.errors import ConfigError
 from daytune.hardware import GPUS, cpu_device
 from daytune.plan.memory import METHODS, Setup, activation_bytes, breakdown
 from daytune.plan.models import REGISTRY, arch_from_config, resolve_arch
-from daytune.plan.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
 from daytune.plan.search import make_plan, max_micro_batch
 from daytune.plan.throughput import efficiency, flops_per_token
+from daytune.train.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
 from daytune.units import parse_size
 
 V = 512
@@ -382,7 +382,7 @@ def test_micro_batch_auto_in_a_fresh_process(tiny_recipe, tiny_model_dir):
     from daytune.data import encode_records, read_instructions
     from daytune.data.batching import BatchPlan
     from daytune.models import load_model, load_tokenizer
-    from daytune.train.loop import train
+    from daytune.pipeline import train_run
     from daytune.train.memory import return_freed_memory
     from daytune.train.methods import prepare_for_training
 
@@ -409,7 +409,8 @@ def test_micro_batch_auto_in_a_fresh_process(tiny_recipe, tiny_model_dir):
     # 2) a ceiling halfway up that growth, above what this process holds now
     limit = _rss_bytes() + int((peaks[8] - peaks[1]) / 2 * 2**20)
     cfg = recipe(memory_limit=str(limit))
-    auto = train(cfg, new_run(cfg))  # with its config.yaml, as `daytune train` writes it: the doctor reads it
+    # with its config.yaml, as `daytune train` writes it: the doctor reads it
+    auto = train_run(cfg, new_run(cfg))
     probe = auto.micro_batch_probe
     assert 1 <= auto.micro_batch < 8 and auto.micro_batch * auto.grad_accum == 8
     assert all(t["fits"] == (t["peak_mb"] <= probe["limit_mb"]) for t in probe["tries"])
@@ -427,7 +428,7 @@ def test_micro_batch_auto_in_a_fresh_process(tiny_recipe, tiny_model_dir):
     assert f"{planned['peak_memory_mb']:.0f} MB predicted" in found["summary"]
     # 3) the same micro-batch set by hand trains identically (the probe restored the random state)
     fixed = recipe(micro_batch=auto.micro_batch)
-    by_hand = train(fixed, new_run(fixed))
+    by_hand = train_run(fixed, new_run(fixed))
     assert by_hand.micro_batch_probe is None and by_hand.grad_accum == auto.grad_accum
     assert by_hand.final_loss == pytest.approx(auto.final_loss, rel=1e-6)
 

@@ -200,10 +200,10 @@ def test_unmergeable_adapters_are_refused_clearly(tiny_recipe):
 
     from daytune.config import load_run_config
     from daytune.errors import ModelError
-    from daytune.train.loop import train
+    from daytune.pipeline import train_run
 
     cfg = load_run_config(tiny_recipe(train={"method": "prompt", "max_steps": 1}))
     run = new_run(cfg)
-    train(cfg, run)
+    train_run(cfg, run)
     with pytest.raises(ModelError, match="cannot be merged"):
         ServeModel(cfg.model, run.trained, device="cpu", log=lambda *a: None)

@@ -200,15 +200,15 @@ class _Exploding:
 
 @pytest.mark.parametrize("fail_in", ["start", "log_metrics"])
 def test_a_failing_backend_warns_once_and_training_goes_on(tiny_recipe, fail_in, capsys, monkeypatch):
+    from daytune.pipeline import train_run
     from daytune.track import tracker
-    from daytune.train.loop import train
 
     cfg = load_run_config(tiny_recipe(train={"max_steps": 3}, track={"backends": ["wandb"]}))
     run = RunDir.create(cfg.out_dir, cfg.name)
     run.write_start("model: x\n", ["daytune"])
     backend = _Exploding(fail_in)
     monkeypatch.setattr(tracker, "make_backend", lambda name, track_cfg: backend)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.steps == 3 and (run.path / "adapter").is_dir()
     assert len(run.read_metrics()) == 3  # the run store is complete
     err = capsys.readouterr().err

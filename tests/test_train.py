@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from daytune.config import load_run_config
 from daytune.errors import ConfigError
+from daytune.pipeline import train_run
 from daytune.track import RunDir
 from daytune.train.checkpoint import list_checkpoints
-from daytune.train.loop import find_resume_checkpoint, lr_at, train
+from daytune.train.loop import find_resume_checkpoint, lr_at
 
 
 def new_run(cfg):
@@ -30,7 +31,7 @@ def test_trains_saves_and_reloads_with_plain_peft(tiny_recipe, tiny_model_dir):
 
     cfg = load_run_config(tiny_recipe())
     run = new_run(cfg)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.steps == 4 and result.stopped_by == "max_steps" and result.tokens > 0
     for name in ("config.yaml", "command.txt", "git.txt", "metrics.jsonl", "summary.json"):
         assert (run.path / name).is_file(), name
@@ -67,7 +68,7 @@ def test_grad_accumulation_equals_bigger_micro_batch(tiny_recipe):
     for micro, accum in ((4, 1), (1, 4), (2, 2)):
         cfg = load_run_config(tiny_recipe(train={"micro_batch": micro, "grad_accum": accum, "max_steps": 1}))
         run = new_run(cfg)
-        train(cfg, run)
+        train_run(cfg, run)
         adapters.append(load_file(str(run.adapter / "adapter_model.safetensors")))
         losses = [m["loss"] for m in run.read_metrics()]
         adapters[-1]["_loss"] = torch.tensor(losses)
@@ -84,7 +85,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_recipe, monkeypatch):
     overrides = {"train": {"max_steps": 6, "checkpoint_every": 2, "lora": {"dropout": 0.1}}}
     cfg = load_run_config(tiny_recipe(**overrides))
     full = new_run(cfg)
-    train(cfg, full)
+    train_run(cfg, full)
     reference = [m["loss"] for m in full.read_metrics()]
 
     cfg = load_run_config(tiny_recipe(**overrides))
@@ -98,11 +99,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_recipe, monkeypatch):
 
     monkeypatch.setattr(RunDir, "log", crash_at_step_3)
     with pytest.raises(Crash):
-        train(cfg, crashed)
+        train_run(cfg, crashed)
     monkeypatch.setattr(RunDir, "log", real_log)
     checkpoint = find_resume_checkpoint(crashed)
     assert checkpoint.name == "step-0000002"  # lost at most one checkpoint interval
-    result = train(cfg, crashed, resume=checkpoint)
+    result = train_run(cfg, crashed, resume=checkpoint)
     assert result.steps == 6
     resumed = [m["loss"] for m in crashed.read_metrics()]
     assert [m["step"] for m in crashed.read_metrics()] == [1, 2, 3, 4, 5, 6]
@@ -115,7 +116,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_recipe, monkeypatch):
 def test_budget_stops_in_time_and_saves(tiny_recipe):
     cfg = load_run_config(tiny_recipe(train={"max_steps": 100_000, "budget": "6s", "checkpoint_every": 1000}))
     run = new_run(cfg)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.stopped_by == "budget" and 0 < result.steps < 100_000
     assert result.elapsed_seconds <= 6.0 * 1.01
     assert (run.adapter / "adapter_model.safetensors").is_file()
@@ -137,7 +138,7 @@ def test_sigterm_stops_and_saves(tiny_recipe, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(RunDir, "log", signal_at_step_2)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.stopped_by == "signal" and result.steps == 2
     assert (run.adapter / "adapter_model.safetensors").is_file()
     assert run.read_summary()["finished"] is False
@@ -146,7 +147,7 @@ def test_sigterm_stops_and_saves(tiny_recipe, monkeypatch):
 def test_unknown_lora_target_is_a_clear_error(tiny_recipe):
     cfg = load_run_config(tiny_recipe(train={"lora": {"targets": ["query_key_value"]}}))
     with pytest.raises(ConfigError, match="query_key_value.*q_proj"):
-        train(cfg, new_run(cfg))
+        train_run(cfg, new_run(cfg))
 
 
 def test_lr_schedule():
@@ -180,7 +181,7 @@ def test_a_step_that_would_cross_the_deadline_is_abandoned(tiny_recipe, monkeypa
     monkeypatch.setattr(loop, "response_loss", slow_when_training)
     cfg = load_run_config(tiny_recipe(train={"max_steps": 10, "grad_accum": 40, "budget": "15s"}))
     run = new_run(cfg)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     assert result.stopped_by == "budget" and result.steps == 0  # a step needs 20 s: none could finish
     assert result.elapsed_seconds <= 15.0 * 1.01
     assert (run.adapter / "adapter_model.safetensors").is_file()
@@ -194,7 +195,7 @@ def test_saved_files_and_folders_get_plain_permissions(tiny_recipe):
     try:
         cfg = load_run_config(tiny_recipe(train={"max_steps": 1, "checkpoint_every": 1}))
         run = new_run(cfg)
-        train(cfg, run)
+        train_run(cfg, run)
         for path in (run.path / "config.yaml", run.trained, run.trained / "adapter_config.json"):
             want = 0o755 if path.is_dir() else 0o644
             assert stat.S_IMODE(path.stat().st_mode) == want, path

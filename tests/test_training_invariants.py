@@ -17,7 +17,8 @@ from daytune import engine
 from daytune.config import load_run_config
 from daytune.data import encode_records, read_instructions
 from daytune.data.batching import BatchPlan, collate, collate_packed
-from daytune.train.loop import find_resume_checkpoint, train
+from daytune.pipeline import train_run
+from daytune.train.loop import find_resume_checkpoint
 
 
 def gsm8k_examples(tok, n=12, max_len=200):
@@ -81,7 +82,7 @@ def test_training_with_packing_reports_less_padding(tiny_recipe):
     results = {}
     for packing in (False, True):
         cfg = load_run_config(tiny_recipe(data={"packing": packing, "max_rows": 24}, train={"max_steps": 2}))
-        results[packing] = train(cfg, new_run(cfg))
+        results[packing] = train_run(cfg, new_run(cfg))
     assert results[True].padding_waste < results[False].padding_waste
     assert results[True].tokens_per_s > 0 and results[False].padding_waste > 0.05
 
@@ -94,7 +95,7 @@ def test_export_merged_loads_with_plain_transformers(tiny_recipe, tiny_model_dir
 
     cfg = load_run_config(tiny_recipe(train={"max_steps": 2, "lr": 1e-2}))
     run = new_run(cfg)
-    train(cfg, run)
+    train_run(cfg, run)
     out = tmp_path / "merged"
     assert main(["--quiet", "export", str(run.path), "--merge", "--out", str(out)]) == 0
     ids = torch.tensor([[5, 77, 123, 9, 300]])
@@ -113,7 +114,7 @@ def test_export_refuses_to_merge_prompt_learning(tiny_recipe, tmp_path):
 
     cfg = load_run_config(tiny_recipe(train={"method": "prompt", "max_steps": 1}))
     run = new_run(cfg)
-    train(cfg, run)
+    train_run(cfg, run)
     assert main(["--quiet", "export", str(run.path), "--merge", "--out", str(tmp_path / "m")]) == 2
     assert main(["--quiet", "export", str(run.path), "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "adapter_config.json").is_file()
@@ -133,7 +134,7 @@ def test_validation_and_early_stopping_keep_the_best(tiny_recipe):
         )
     )
     run = new_run(cfg)
-    result = train(cfg, run)
+    result = train_run(cfg, run)
     vals = [m["val_loss"] for m in run.read_metrics() if "val_loss" in m]
     assert result.stopped_by == "early_stopping" and result.steps < 40
     assert result.best_val_loss == pytest.approx(min(vals), abs=1e-6)

@@ -15,9 +15,11 @@ from rich.table import Table
 from daytune.config import RunConfig, dump_yaml, load_run_config
 from daytune.errors import ConfigError, RunError
 from daytune.fileio import write_text_atomic
+from daytune.plan import write_run_plan
 from daytune.progress import Reporter
 from daytune.track import RunDir
-from daytune.train.loop import find_resume_checkpoint, train
+from daytune.train.loop import find_resume_checkpoint, fit, setup
+from daytune.train.state import TrainResult
 
 
 def start_or_resume(
@@ -111,7 +113,7 @@ def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
 
     from daytune.hardware import pick_device
 
-    state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")  # the same state train() will use
+    state = PartialState(cpu=pick_device(cfg.train.device).type == "cpu")  # the same state setup() will use
     holder = [None]
     if state.is_main_process:
         run = RunDir.create(cfg.out_dir, cfg.name)
@@ -119,6 +121,18 @@ def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
         holder = [str(run.path)]
     broadcast_object_list(holder, from_process=0)
     return RunDir(holder[0])
+
+
+def train_run(
+    cfg: RunConfig, run: RunDir, reporter: Reporter | None = None, resume: Path | None = None
+) -> TrainResult:
+    """The train stage: set up, write the planner's prediction for this run to plan.json (before any step, to
+    compare with what the run measures), then fit; `resume` is a checkpoint to carry on from."""
+    session = setup(cfg, run, reporter, resume)
+    if session.is_main:
+        facts = (session.model_dir, session.device, session.precision, session.examples, session.stats)
+        write_run_plan(run, cfg, *facts, session.reporter.log)
+    return fit(session)
 
 
 def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
@@ -248,7 +262,7 @@ def run_recipe(
         suite_plan(cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
-    train(cfg, run, reporter, resume=checkpoint)
+    train_run(cfg, run, reporter, resume=checkpoint)
     gc.collect()
     if cfg.eval.heldout or cfg.eval.multiple_choice or cfg.eval.suite:
         results = evaluate_run(cfg, run, reporter)

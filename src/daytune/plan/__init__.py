@@ -6,7 +6,6 @@ memory.py      the memory breakdown and peak of a training step
 throughput.py  FLOPs per token and an efficiency measured on real runs -> tokens/s
 dataset.py     what one epoch of a dataset costs
 search.py      the whole plan: fit, largest micro-batch, what the budget buys, the fastest setup
-probe.py       `train.micro_batch: auto`: the largest micro-batch that fits, found with real steps
 """
 
 from __future__ import annotations

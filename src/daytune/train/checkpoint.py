@@ -3,7 +3,8 @@
 A checkpoint folder holds `weights.safetensors` (the parameters that train, by name, unsharded), `optimizer.pt`
 (or `optimizer-<rank>.pt` per process when FSDP/DeepSpeed shard the optimizer; loaded with weights_only=True:
 tensors and numbers, never arbitrary pickles), `rng-<rank>.safetensors` per process, and `state.json` (step,
-tokens, elapsed time, schedule, `random`'s state), written last.
+tokens, elapsed time, schedule, `random`'s state), written last. Beside them, `best.safetensors` keeps the
+trainable weights of the best validation loss so far, for early stopping.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ def write_weights(
     model, folder: Path, name: str = "weights.safetensors", weights: dict | None = None
 ) -> None:
     save_file(weights if weights is not None else trainable_state(model), str(folder / name))
+
+
+BEST = "best.safetensors"
+
+
+def save_best(model, folder: Path, weights: dict | None = None) -> None:
+    """Keep the trainable weights (or gathered full `weights`) as the best so far: written under a temporary name,
+    then renamed, so a crash never leaves half a best model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(model, folder, f".{BEST}.tmp", weights)
+    (folder / f".{BEST}.tmp").replace(folder / BEST)
+
+
+def load_best(model, folder: Path) -> bool:
+    """Put the best weights kept by `save_best` back into the model; False when there are none."""
+    if not (folder / BEST).is_file():
+        return False
+    load_trainable_state(model, load_file(str(folder / BEST)), "best")
+    return True
 
 
 def sharded_optimizer_dir(folder: Path, step: int) -> Path:
