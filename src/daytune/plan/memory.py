@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from daytune.plan.models import FAMILY_LINEARS, Arch
+from daytune.models.arch import FAMILY_LINEARS, Arch
 
 GB = 1e9
 GIB = 2**30

