@@ -47,6 +47,16 @@ def test_one_table_names_models_for_loading_and_planning():
     assert resolve_arch("smollm2-135m") is MODELS["smollm2-135m"].arch
 
 
+def test_list_models_gives_one_row_per_registered_model():
+    from daytune.models import list_models
+
+    rows = list_models()
+    assert [r.name for r in rows] == list(MODELS)
+    row = next(r for r in rows if r.name == "smollm2-135m")
+    assert row.loadable and row.params == 134_515_008 and row.family == "llama"
+    assert "loads by name" in row.line()
+
+
 def _hf_config(arch):
     common = dict(hidden_size=arch.hidden, num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
                   vocab_size=arch.vocab)  # fmt: skip
