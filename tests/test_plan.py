@@ -13,12 +13,12 @@ import torch
 import transformers
 
 from daytune.cli import main
-from daytune.config import TrainConfig, load_run_config
+from daytune.config import METHODS, TrainConfig, load_run_config
 from daytune.errors import ConfigError
 from daytune.hardware import GPUS, cpu_device
 from daytune.models.arch import arch_from_config
 from daytune.models.registry import MODELS, loadable_model, model_with_hub_id, named_model
-from daytune.plan.memory import METHODS, Setup, activation_bytes, breakdown
+from daytune.plan.memory import Setup, activation_bytes, breakdown
 from daytune.plan.models import resolve_arch
 from daytune.plan.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
 from daytune.plan.search import make_plan, max_micro_batch

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from daytune.config import METHODS
 from daytune.models.arch import FAMILY_LINEARS, Arch
 
 GB = 1e9
 GIB = 2**30
 CHUNK = 1024  # daytune.engine.CHUNK: positions per output-layer chunk
-METHODS = ("lora", "dora", "qlora", "full", "freeze", "adapter", "prefix", "prompt", "ptuning", "ia3")
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 
 
