@@ -7,7 +7,6 @@ GGUF metadata takes tens of seconds and transformers refuses to `save_pretrained
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daytune.errors import ModelError
-from daytune.fileio import temp_dir_beside
+from daytune.fileio import sha256_file, temp_dir_beside
 from daytune.models.registry import MODELS, Model, embedded_gguf, loadable_model, loadable_names
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -78,18 +77,10 @@ def _from_hub(hub_id: str) -> Path:
         ) from None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def gguf_to_hf(gguf: Path, *, log=print) -> Path:
     """Dequantize a GGUF once into $DAYTUNE_HOME/models/<stem>-<sha>/ (fp32 safetensors + tokenizer)."""
     gguf = gguf.resolve()
-    target = daytune_home() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    target = daytune_home() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
