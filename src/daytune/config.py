@@ -129,9 +129,8 @@ class TrainConfig:
 class EvalConfig:
     heldout: str | None = None  # instruction JSONL: mean response-token loss
     heldout_rows: int = 50
-    multiple_choice: str | None = (
-        None  # JSONL with question, choices, answer (index): accuracy by log-likelihood
-    )
+    # JSONL with question, choices, answer (index): accuracy by log-likelihood
+    multiple_choice: str | None = None
     multiple_choice_rows: int = 100
     batch_size: int = 8
     base: bool = True  # also evaluate the base model, for a base-vs-tuned table
@@ -153,9 +152,8 @@ class WandbConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str | None = (
-        None  # default: sqlite:///<out_dir>/mlflow.db; any MLflow URI (http://, databricks)
-    )
+    # default: sqlite:///<out_dir>/mlflow.db; any MLflow URI (http://, databricks)
+    tracking_uri: str | None = None
     experiment: str = "daytune"
     log_model: str = "final"  # final | all | none: the model folder as run artifacts
 
@@ -167,9 +165,8 @@ class TrackConfig:
     backends: list[str] = field(default_factory=list)  # any of: wandb, mlflow
     system_every: float = 5.0  # seconds between system samples (CPU, RSS; GPU through NVML)
     code_snapshot: bool = True  # copy daytune's source into the run folder (code/)
-    peak_tflops: float | None = (
-        None  # the device's peak for MFU; default: a datasheet table, or measured on CPU
-    )
+    # the device's peak for MFU; default: a datasheet table, or measured on CPU
+    peak_tflops: float | None = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 

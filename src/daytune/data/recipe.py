@@ -37,9 +37,8 @@ class SourceConfig:
     hub: str | None = None  # a Hugging Face dataset id
     revision: str | None = None  # hub revision (branch, tag or commit)
     files: list[str] = field(default_factory=list)  # file patterns inside the folder or hub repo
-    weight: float = (
-        1.0  # sampling rate of the cleaned rows: 0.5 keeps half, 2 repeats each training row twice
-    )
+    # sampling rate of the cleaned rows: 0.5 keeps half, 2 repeats each training row twice
+    weight: float = 1.0
     max_rows: int | None = None  # at most N cleaned rows (seeded sample), before the weight
     max_per_task: int | None = None  # sni, flan: at most N rows per task
     tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to keep

@@ -455,9 +455,8 @@ def eval_metrics(results: dict[str, Any]) -> dict[str, float]:
         if not isinstance(sections, dict):
             continue
         for section, values in sections.items():
-            if section == "suite" and isinstance(
-                values, dict
-            ):  # scenario -> metric -> {value, ci_low, ci_high}
+            # suite: scenario -> metric -> {value, ci_low, ci_high}
+            if section == "suite" and isinstance(values, dict):
                 for name, sc in (values.get("scenarios") or {}).items():
                     for metric, m in (sc.get("metrics") or {}).items():
                         if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
