@@ -170,8 +170,8 @@ def predict_run(name: str, device: str) -> tuple[dict, object]:
 
 
 def published() -> list[dict]:
+    from daytune.models.registry import MODELS
     from daytune.plan.memory import GB, GIB, LITGPT_2023, TORCHTUNE_2024, Setup, breakdown
-    from daytune.plan.models import REGISTRY
 
     lit = Setup(method="lora", precision="bf16-true", seq_len=1304, micro_batch=1, lora_r=8,
                 lora_targets=("q_proj", "v_proj"), lora_dropout=0.05, stack=LITGPT_2023)  # fmt: skip
@@ -198,7 +198,7 @@ def published() -> list[dict]:
     ]  # fmt: skip
     rows = []
     for label, model, setup, value, kind, source in cases:
-        b = breakdown(REGISTRY[model], setup)
+        b = breakdown(MODELS[model].arch, setup)
         # max_memory_allocated excludes the CUDA context and the allocator's cache; reserved excludes the context
         pred = b.peak - b.framework - (b.allocator if kind == "allocated" else 0.0)
         unit, scale = ("GB", GB) if kind == "allocated" else ("GiB", GIB)

@@ -150,3 +150,33 @@ def test_packing_with_virtual_tokens_is_refused(tmp_path):
     p.write_text("data:\n  packing: true\ntrain:\n  method: prefix\n")
     with pytest.raises(ConfigError, match="data.packing: method prefix"):
         load_run_config(p)
+
+
+def test_one_yaml_loader_names_the_file_for_run_and_data_recipes(tmp_path):
+    from daytune.data.recipe import load_data_recipe
+
+    p = tmp_path / "d.yaml"
+    p.write_text("sources: [1,\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml:\d+: not valid YAML"):
+        load_data_recipe(p)
+    p.write_text("- a\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: expected a mapping \(name, sources, filters"):
+        load_data_recipe(p)
+    with pytest.raises(ConfigError, match=r"r\.yaml: expected a mapping of sections"):
+        load_run_config(p.rename(tmp_path / "r.yaml"))
+    with pytest.raises(ConfigError, match="data recipe not found"):
+        load_data_recipe(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "none.yaml")
+
+
+def test_set_picks_list_items_and_names_what_is_not_a_section(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lr: 0.1\n  lora:\n    targets: [q_proj, v_proj]\n")
+    assert load_run_config(p, ["train.lora.targets.1=k_proj"]).train.lora.targets == ["q_proj", "k_proj"]
+    with pytest.raises(ConfigError, match=r"'train\.lora\.targets\.2' is not an item of the list \(0\.\.1\)"):
+        load_run_config(p, ["train.lora.targets.2=x"])
+    with pytest.raises(ConfigError, match=r"--set train\.lr\.x: 'train\.lr' is not a section"):
+        load_run_config(p, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_run_config(p, ["=1"])

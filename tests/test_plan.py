@@ -13,11 +13,13 @@ import torch
 import transformers
 
 from daytune.cli import main
-from daytune.config import TrainConfig, load_run_config
+from daytune.config import METHODS, TrainConfig, load_run_config
 from daytune.errors import ConfigError
 from daytune.hardware import GPUS, cpu_device
-from daytune.plan.memory import METHODS, Setup, activation_bytes, breakdown
-from daytune.plan.models import REGISTRY, arch_from_config, resolve_arch
+from daytune.models.arch import arch_from_config
+from daytune.models.registry import MODELS, loadable_model, model_with_hub_id, named_model
+from daytune.plan.memory import Setup, activation_bytes, breakdown
+from daytune.plan.models import resolve_arch
 from daytune.plan.search import make_plan, max_micro_batch
 from daytune.plan.throughput import efficiency, flops_per_token
 from daytune.train.probe import Try, largest_that_fits, probe_micro_batch, worst_batches
@@ -28,11 +30,31 @@ V = 512
 
 # ---- registry -----------------------------------------------------------------------------------------------
 def test_registry_reproduces_the_published_parameter_counts():
-    for arch in REGISTRY.values():
-        assert arch.total_params() == arch.published_params, arch.name
+    for name, model in MODELS.items():
+        arch = model.arch
+        assert arch.name == name and arch.total_params() == arch.published_params, name
         assert arch.source.startswith("https://huggingface.co/") and arch.source.endswith("/config.json")
-    allowed = {a.name.split("-")[0] for a in REGISTRY.values() if a.challenge}
+    allowed = {m.name.split("-")[0] for m in MODELS.values() if m.arch.challenge}
     assert {"llama", "mistral", "qwen", "falcon", "phi", "open", "pythia"} <= allowed
+
+
+def test_one_table_names_models_for_loading_and_planning():
+    """Every name that loads or plans is a row of the one registry: the loader takes exact loadable names, the
+    planner any row's name, alias or hub id."""
+    assert loadable_model("smollm2-135m") is MODELS["smollm2-135m"] and loadable_model("llama-2-7b") is None
+    assert named_model("Llama2-7B") is MODELS["llama-2-7b"] and named_model("phi2") is MODELS["phi-2"]
+    assert model_with_hub_id("mistralai/mistral-7b-v0.1") is MODELS["mistral-7b"]
+    assert resolve_arch("smollm2-135m") is MODELS["smollm2-135m"].arch
+
+
+def test_list_models_gives_one_row_per_registered_model():
+    from daytune.models import list_models
+
+    rows = list_models()
+    assert [r.name for r in rows] == list(MODELS)
+    row = next(r for r in rows if r.name == "smollm2-135m")
+    assert row.loadable and row.params == 134_515_008 and row.family == "llama"
+    assert "loads by name" in row.line()
 
 
 def _hf_config(arch):
@@ -58,7 +80,7 @@ def _hf_config(arch):
 def test_registry_numbers_build_the_same_model(name):
     """The registry's numbers, given to transformers, build a model of exactly that size (on the meta device),
     and reading that model's config back gives the same architecture."""
-    arch = REGISTRY[name]
+    arch = MODELS[name].arch
     config = _hf_config(arch)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -70,7 +92,8 @@ def test_registry_numbers_build_the_same_model(name):
 
 
 def test_resolve_arch_reads_a_folder_without_weights(tmp_path, tiny_model_dir):
-    assert resolve_arch("meta-llama/Llama-2-7b-hf") is REGISTRY["llama-2-7b"]  # a registered hub id: no fetch
+    # a registered hub id: no fetch
+    assert resolve_arch("meta-llama/Llama-2-7b-hf") is MODELS["llama-2-7b"].arch
     arch = resolve_arch(str(tiny_model_dir))
     assert (arch.hidden, arch.layers, arch.kv_heads, arch.tied) == (64, 2, 2, True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
@@ -172,7 +195,8 @@ def test_daytune_plan_answers_for_every_registered_model_method_and_device(capsy
 
     parser = _parser()  # built once: building it is most of a call's time
     memory = {name: d.memory for name, d in GPUS.items()} | {"cpu": cpu_device().memory}
-    for name, arch in REGISTRY.items():
+    for name, model in MODELS.items():
+        arch = model.arch
         for method in METHODS:
             for device in memory:
                 argv = ["plan", "--model", name, "--method", method, "--seq-len", "1024", "--micro-batch", "auto",
@@ -227,12 +251,12 @@ def test_a_training_run_detects_its_gpu(monkeypatch, gpu, gib, name, bf16):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     d = detect(torch.device("cuda"))
     assert (d.name, d.kind, d.memory, d.peak.get("bf16")) == (name, "cuda", props.total_memory, bf16)
-    speed = make_plan(REGISTRY["llama-2-7b"], Setup(method="qlora", gradient_checkpointing=True), d).speed
+    speed = make_plan(MODELS["llama-2-7b"].arch, Setup(method="qlora", gradient_checkpointing=True), d).speed
     assert (speed.tokens_per_s is None) == (bf16 is None)
 
 
 def test_memory_responds_to_the_recipe():
-    arch = REGISTRY["llama-2-7b"]
+    arch = MODELS["llama-2-7b"].arch
     base = Setup(method="lora", seq_len=2048, micro_batch=2, precision="bf16-true")
     b = breakdown(arch, base)
     assert b.activations_checkpointing < b.activations_no_checkpointing / 4
@@ -251,7 +275,7 @@ def test_memory_responds_to_the_recipe():
 
 
 def test_largest_micro_batch_is_the_edge():
-    arch, device = REGISTRY["mistral-7b"], GPUS["rtx4090-24gb"]
+    arch, device = MODELS["mistral-7b"].arch, GPUS["rtx4090-24gb"]
     setup = Setup(method="qlora", seq_len=1024, gradient_checkpointing=True, precision="bf16-true")
     n = max_micro_batch(arch, setup, device)
     assert n >= 1
@@ -260,7 +284,7 @@ def test_largest_micro_batch_is_the_edge():
 
 
 def test_speed_rests_on_measured_runs():
-    arch = REGISTRY["llama-2-7b"]
+    arch = MODELS["llama-2-7b"].arch
     lora = Setup(method="lora", seq_len=2048, precision="bf16-true")
     eff, sources = efficiency("cuda", "lora")
     assert 0 < eff <= 1 and any("torchtune" in s for s in sources)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,8 @@ class TrainConfig:
 class EvalConfig:
     heldout: str | None = None  # instruction JSONL: mean response-token loss
     heldout_rows: int = 50
-    multiple_choice: str | None = (
-        None  # JSONL with question, choices, answer (index): accuracy by log-likelihood
-    )
+    # JSONL with question, choices, answer (index): accuracy by log-likelihood
+    multiple_choice: str | None = None
     multiple_choice_rows: int = 100
     batch_size: int = 8
     base: bool = True  # also evaluate the base model, for a base-vs-tuned table
@@ -152,9 +152,8 @@ class WandbConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str | None = (
-        None  # default: sqlite:///<out_dir>/mlflow.db; any MLflow URI (http://, databricks)
-    )
+    # default: sqlite:///<out_dir>/mlflow.db; any MLflow URI (http://, databricks)
+    tracking_uri: str | None = None
     experiment: str = "daytune"
     log_model: str = "final"  # final | all | none: the model folder as run artifacts
 
@@ -166,9 +165,8 @@ class TrackConfig:
     backends: list[str] = field(default_factory=list)  # any of: wandb, mlflow
     system_every: float = 5.0  # seconds between system samples (CPU, RSS; GPU through NVML)
     code_snapshot: bool = True  # copy daytune's source into the run folder (code/)
-    peak_tflops: float | None = (
-        None  # the device's peak for MFU; default: a datasheet table, or measured on CPU
-    )
+    # the device's peak for MFU; default: a datasheet table, or measured on CPU
+    peak_tflops: float | None = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
@@ -337,26 +335,73 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def read_yaml_mapping(path: Path, what: str, top: str) -> dict[str, Any]:
+    """A recipe file's top-level mapping (an empty file is {}); errors name the file, and the line for bad YAML.
+    `what` names the file in "not found", `top` what the mapping should hold."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping {top} at the top")
+    return data
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> None:
+    """Apply each `--set a.b=value` to a recipe's mapping; a number picks a list item: --set sources.1.max_rows=500."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_key(data, keys, value)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
     """'train.budget=30s' -> (['train', 'budget'], '30s'); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.budget=30s")
     key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.budget=30s")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return [k for k in key.strip().split(".") if k], value
+    return keys, value
 
 
-def _apply_override(data: dict, keys: list[str], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {'.'.join(keys)}: '{k}' is not a section")
-        node = nxt
-    node[keys[-1]] = value
+def _set_key(data: dict, keys: list[str], value: Any) -> None:
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(
+                    f"--set {'.'.join(keys)}: '{where}' is not an item of the list (0..{len(node) - 1})"
+                )
+            if last:
+                node[int(k)] = value
+            node = node[int(k)]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            node = node.setdefault(k, {})
+        else:
+            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i])}' is not a section")
+
+
+def model_beside_recipe(model: str, base: Path) -> str:
+    """A model folder or .gguf file written relative to the recipe, made absolute; names and hub ids stay."""
+    path = Path(model).expanduser()
+    if not path.is_absolute() and ("/" in model or model.endswith(".gguf")) and (base / path).exists():
+        return str((base / path).resolve())
+    return model
 
 
 _PATH_FIELDS = [
@@ -369,7 +414,7 @@ _PATH_FIELDS = [
 ]
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a recipe YAML (or start from defaults), apply `--set` overrides, resolve paths, validate."""
     data: dict[str, Any] = {}
     base = Path.cwd()
@@ -377,23 +422,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, eval) at the top")
-        data = loaded
+        data = read_yaml_mapping(path, "config file", "of sections (model, data, train, eval)")
         base = path.resolve().parent
-    for item in overrides:
-        keys, value = parse_override(item)
-        _apply_override(data, keys, value)
+    apply_overrides(data, overrides)
     try:
         cfg = from_dict(RunConfig, data)
         cfg.validate()
@@ -404,13 +435,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         value = getattr(obj, key)
         if value and not Path(value).is_absolute():
             setattr(obj, key, str((base / value).resolve()))
-    model_path = base / cfg.model
-    if (
-        not Path(cfg.model).is_absolute()
-        and ("/" in cfg.model or cfg.model.endswith(".gguf"))
-        and model_path.exists()
-    ):
-        cfg.model = str(model_path.resolve())
+    cfg.model = model_beside_recipe(cfg.model, base)
     return cfg
 
 

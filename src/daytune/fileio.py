@@ -1,7 +1,8 @@
-"""Atomic file writes: a crash never leaves a half-written file or folder behind."""
+"""Atomic file writes (a crash never leaves a half-written file or folder behind), and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -89,3 +90,9 @@ def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (weights and datasets need not fit in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

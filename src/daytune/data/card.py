@@ -112,10 +112,20 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def markdown(card: dict[str, Any]) -> str:
     """The card for people: same content as data_card.json."""
-    out = [f"# Data card: {card['name']}", ""]
+    out = _md_summary(card) + _md_sources(card) + _md_removed(card) + _md_decontamination(card)
+    out += _md_tokens(card)
+    out += ["## Licences", ""]
+    out += [f"- {lic}: {', '.join(names)}" for lic, names in card["licences"].items()] + [""]
+    out += ["## Recipe", "", "```yaml", yaml.safe_dump(card["recipe"], sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def _md_summary(card: dict[str, Any]) -> list[str]:
     files = card["files"]
     tok = card["tokenizer"]
-    out += [
+    out = [
+        f"# Data card: {card['name']}",
+        "",
         f"- fingerprint: `{card['fingerprint']}` (training runs record it)",
         f"- created: {card['created']}"
         + (f" from `{card['recipe_file']}`" if card.get("recipe_file") else ""),
@@ -127,78 +137,77 @@ def markdown(card: dict[str, Any]) -> str:
     ]
     if card["warnings"]:
         out += ["## Warnings", ""] + [f"- {w}" for w in card["warnings"]] + [""]
-    out += ["## Sources", ""]
-    out.append(
-        _table(
-            ["source", "licence", "commercial", "written by", "origin"],
-            [
-                [
-                    s["name"],
-                    s["licence"],
-                    "yes" if s["commercial"] else "no",
-                    "LLM" if s["llm_generated"] else "people",
-                    s["origin"],
-                ]
-                for s in card["sources"]
-            ],
-        )
-    )
-    out += ["", "Citations:", ""] + [f"- {s['name']}: {s['citation']}" for s in card["sources"]] + [""]
+    return out
+
+
+def _md_sources(card: dict[str, Any]) -> list[str]:
+    """Each source's terms and citation, and its rows after each step."""
+    sources = card["sources"]
+    terms = [
+        [
+            s["name"],
+            s["licence"],
+            "yes" if s["commercial"] else "no",
+            "LLM" if s["llm_generated"] else "people",
+            s["origin"],
+        ]
+        for s in sources
+    ]
+    out = ["## Sources", "", _table(["source", "licence", "commercial", "written by", "origin"], terms)]
+    out += ["", "Citations:", ""] + [f"- {s['name']}: {s['citation']}" for s in sources] + [""]
     out += ["## Rows per source after each step", ""]
     steps = card["steps"]
-    rows = [[s["name"], *[s["rows"].get(k, "") for k in steps]] for s in card["sources"]]
-    rows.append(["**total**", *[sum(s["rows"].get(k, 0) for s in card["sources"]) for k in steps]])
-    out += [_table(["source", *[STEP_TITLES.get(k, k) for k in steps]], rows), ""]
-    out += ["## Removed rows", ""]
-    if card["removed"]:
-        out.append(
-            _table(
-                ["step", "reason", "rows", "by source"],
-                [
-                    [
-                        r["step"],
-                        r["reason"],
-                        r["count"],
-                        ", ".join(f"{k}: {v}" for k, v in r["by_source"].items()),
-                    ]
-                    for r in card["removed"]
-                ],
-            )
-        )
+    rows = [[s["name"], *[s["rows"].get(k, "") for k in steps]] for s in sources]
+    rows.append(["**total**", *[sum(s["rows"].get(k, 0) for s in sources) for k in steps]])
+    return out + [_table(["source", *[STEP_TITLES.get(k, k) for k in steps]], rows), ""]
+
+
+def _md_removed(card: dict[str, Any]) -> list[str]:
+    out = ["## Removed rows", ""]
+    if not card["removed"]:
+        return out + ["Nothing was removed.", ""]
+    rows = [
+        [r["step"], r["reason"], r["count"], ", ".join(f"{k}: {v}" for k, v in r["by_source"].items())]
+        for r in card["removed"]
+    ]
+    out += [_table(["step", "reason", "rows", "by source"], rows), ""]
+    for r in card["removed"]:
+        if not r["examples"]:
+            continue
+        out += [f"**{r['step']}: {r['reason']}**", ""]
+        for ex in r["examples"]:
+            head = " ".join(x for x in (f"`{ex['id']}`" if ex["id"] else "", ex["detail"]) if x)
+            out.append(f"- {head}" + (f"<br>“{ex['text']}”" if ex["text"] else ""))
         out.append("")
-        for r in card["removed"]:
-            if not r["examples"]:
-                continue
-            out += [f"**{r['step']}: {r['reason']}**", ""]
-            for ex in r["examples"]:
-                head = " ".join(x for x in (f"`{ex['id']}`" if ex["id"] else "", ex["detail"]) if x)
-                out.append(f"- {head}" + (f"<br>“{ex['text']}”" if ex["text"] else ""))
-            out.append("")
-    else:
-        out += ["Nothing was removed.", ""]
+    return out
+
+
+def _md_decontamination(card: dict[str, Any]) -> list[str]:
     d = card["decontamination"]
-    out += ["## Decontamination", ""]
-    if d["enabled"]:
-        out.append(
-            f"Word {d['ngram']}-gram overlap (items of {d['min_ngram']}–{d['ngram'] - 1} words matched whole) "
-            f"against {d.get('ngrams_indexed', 0)} indexed n-grams; {d.get('removed', 0)} rows removed."
+    out = ["## Decontamination", ""]
+    if not d["enabled"]:
+        return out + ["**Off**: training rows were not checked against any evaluation set."]
+    out += [
+        f"Word {d['ngram']}-gram overlap (items of {d['min_ngram']}–{d['ngram'] - 1} words matched whole) "
+        f"against {d.get('ngrams_indexed', 0)} indexed n-grams; {d.get('removed', 0)} rows removed.",
+        "",
+    ]
+    removed = d.get("removed_by_eval_set", {})
+    out.append(
+        _table(
+            ["evaluation set", "items", "rows removed", "from"],
+            [[c["name"], c["items"], removed.get(c["name"], 0), c["from"]] for c in d["checked"]],
         )
-        out.append("")
-        removed = d.get("removed_by_eval_set", {})
-        out.append(
-            _table(
-                ["evaluation set", "items", "rows removed", "from"],
-                [[c["name"], c["items"], removed.get(c["name"], 0), c["from"]] for c in d["checked"]],
-            )
-        )
-        if d["not_found"]:
-            out += [
-                "",
-                f"Not found, so **not checked**: {', '.join(d['not_found'])} (looked in `{d['eval_dir']}`).",
-            ]
-    else:
-        out.append("**Off**: training rows were not checked against any evaluation set.")
-    out += ["", "## Token lengths", ""]
+    )
+    if d["not_found"]:
+        out += [
+            "",
+            f"Not found, so **not checked**: {', '.join(d['not_found'])} (looked in `{d['eval_dir']}`).",
+        ]
+    return out
+
+
+def _md_tokens(card: dict[str, Any]) -> list[str]:
     t = card["tokens"]
     stat_keys = ["rows", "total", "min", "mean", "p50", "p95", "max"]
     stat_rows = [["train", *[t["train"].get(k, "") for k in stat_keys]]]
@@ -206,13 +215,12 @@ def markdown(card: dict[str, Any]) -> str:
         [f"train: {k}", *[v.get(k, "") for k in stat_keys]] for k, v in t["train_by_source"].items()
     ]
     stat_rows.append(["val", *[t["val"].get(k, "") for k in stat_keys]])
-    out += [
+    return [
+        "",
+        "## Token lengths",
+        "",
         _table(["split", *stat_keys], stat_rows),
         "",
         f"![token lengths]({t.get('histogram', HISTOGRAM)})",
         "",
     ]
-    out += ["## Licences", ""]
-    out += [f"- {lic}: {', '.join(names)}" for lic, names in card["licences"].items()] + [""]
-    out += ["## Recipe", "", "```yaml", yaml.safe_dump(card["recipe"], sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(out)

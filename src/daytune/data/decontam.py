@@ -42,9 +42,8 @@ class EvalIndex:
         self.items_per_set: dict[str, int] = {}
         self._parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.keys: dict[int, HashSet] = {}  # n-gram length -> the hashes of the evaluation n-grams
-        self.owner: dict[
-            int, np.ndarray
-        ] = {}  # aligned with keys: index of the first item holding the n-gram
+        # aligned with keys: index of the first item holding the n-gram
+        self.owner: dict[int, np.ndarray] = {}
 
     def add(self, eval_set: str, items: list[tuple[str, str]], batch: int = 20000) -> None:
         self.items_per_set[eval_set] = self.items_per_set.get(eval_set, 0) + len(items)

@@ -13,6 +13,7 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,42 @@ def _cap_per_task(records: list[dict], opts: LoadOptions, out: Loaded) -> list[d
     return [r for i, r in enumerate(records) if i in keep]
 
 
+@dataclass(frozen=True)
+class _TaskFields:
+    """Where a task collection exported one instance per line keeps each part (SNI and FLAN name them apart)."""
+
+    task: tuple[str, ...]  # the task name: the first of these fields that is set
+    instruction: str
+    input: str | None  # None: the instruction field holds the input too
+    own_id: bool  # a row's own `id` names its record
+    targets: str  # what the error says 'targets' must be
+
+
+_SNI_ROW = _TaskFields(("task_name", "task"), "definition", "inputs", True, "a string or a list of strings")
+_FLAN_ROW = _TaskFields(("task_name", "_task_name", "task"), "inputs", None, False, "a string")
+
+
+def _task_row(fields: _TaskFields, name: str, opts: LoadOptions, out: Loaded, where: str, obj: dict, n: int):
+    """One exported task-collection row (its first target is the response), or None for an unselected task."""
+    task = str(next((obj[k] for k in fields.task if obj.get(k)), ""))
+    if not _task_selected(task, opts):
+        out.drop("task not selected")
+        return None
+    targets = obj.get("targets")
+    if isinstance(targets, list):
+        targets = targets[0] if targets else None
+    if not isinstance(targets, str):
+        raise RowError(f"{where}: 'targets' must be {fields.targets}")
+    return make_record(
+        source=name,
+        id=str(obj.get("id") or f"{name}-{n}") if fields.own_id else f"{name}-{n}",
+        instruction=_str(obj, fields.instruction, where),
+        input=_str(obj, fields.input, where) if fields.input else "",
+        output=targets,
+        meta={"task": task} if task else None,
+    )
+
+
 def _sni_instruction(definition: str, positives: list[dict], k: int) -> str:
     parts = [definition.strip()]
     for i, ex in enumerate(positives[:k], start=1):
@@ -179,26 +216,7 @@ def load_sni(files, name, opts, policy, out: Loaded) -> None:
                 raise DataError(f"{where}: not a Super-NaturalInstructions task file (no 'Instances')")
             continue
 
-        def convert(where, obj, n):
-            task = str(obj.get("task_name") or obj.get("task") or "")
-            if not _task_selected(task, opts):
-                out.drop("task not selected")
-                return None
-            targets = obj.get("targets")
-            if isinstance(targets, list):
-                targets = targets[0] if targets else None
-            if not isinstance(targets, str):
-                raise RowError(f"{where}: 'targets' must be a string or a list of strings")
-            return make_record(
-                source=name,
-                id=str(obj.get("id") or f"{name}-{n}"),
-                instruction=_str(obj, "definition", where),
-                input=_str(obj, "inputs", where),
-                output=targets,
-                meta={"task": task} if task else None,
-            )
-
-        records += _rows([path], policy, convert)
+        records += _rows([path], policy, partial(_task_row, _SNI_ROW, name, opts, out))
     out.records += _cap_per_task(records, opts, out)
 
 
@@ -245,26 +263,8 @@ def _sni_task(path: Path, where: str, task_obj: dict, name: str, opts, policy, o
 
 def load_flan(files, name, opts, policy, out: Loaded) -> None:
     """FLAN-style rows: {inputs, targets} with a task name (task_name, _task_name or task)."""
-
-    def convert(where, obj, n):
-        task = str(obj.get("task_name") or obj.get("_task_name") or obj.get("task") or "")
-        if not _task_selected(task, opts):
-            out.drop("task not selected")
-            return None
-        targets = obj.get("targets")
-        if isinstance(targets, list):
-            targets = targets[0] if targets else None
-        if not isinstance(targets, str):
-            raise RowError(f"{where}: 'targets' must be a string")
-        return make_record(
-            source=name,
-            id=f"{name}-{n}",
-            instruction=_str(obj, "inputs", where),
-            output=targets,
-            meta={"task": task} if task else None,
-        )
-
-    out.records += _cap_per_task(_rows(files, policy, convert), opts, out)
+    rows = _rows(files, policy, partial(_task_row, _FLAN_ROW, name, opts, out))
+    out.records += _cap_per_task(rows, opts, out)
 
 
 # ---- conversations --------------------------------------------------------------------------------------------
@@ -375,36 +375,7 @@ def load_oasst1(files, name, opts, policy, out: Loaded) -> None:
     """OpenAssistant oasst1: message rows (message_id, parent_id, role, text, lang, rank, ...) or whole trees
     ({message_tree_id, prompt: {..., replies: [...]}}). Each tree gives one conversation: from the root prompt,
     follow the best-ranked reply at every level (rank 0 is best; unranked replies come last)."""
-    messages: dict[str, dict] = {}
-
-    def add(where: str, m: dict) -> None:
-        for key in ("message_id", "role", "text"):
-            if not isinstance(m.get(key), str):
-                raise RowError(f"{where}: field '{key}' must be a string")
-        if m["role"] not in ("prompter", "assistant"):
-            raise RowError(f"{where}: role {m['role']!r} is not prompter or assistant")
-        rank = m.get("rank")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
-            raise RowError(f"{where}: 'rank' must be a number or null")
-        messages[m["message_id"]] = {**m, "_where": where}
-
-    def walk_tree(where: str, node: dict, parent: str | None) -> None:
-        if not isinstance(node, dict):
-            raise RowError(f"{where}: a tree node must be an object")
-        add(where, {**node, "parent_id": parent})
-        for child in node.get("replies") or []:
-            walk_tree(where, child, node["message_id"])
-
-    for path in files:
-        for where, obj in iter_objects(path, policy):
-            try:
-                if "prompt" in obj and "message_id" not in obj:
-                    walk_tree(where, obj["prompt"], None)
-                else:
-                    add(where, obj)
-            except RowError as e:
-                policy.handle(e)
-
+    messages = _oasst_messages(files, policy)
     excluded = {
         mid
         for mid, m in messages.items()
@@ -423,21 +394,7 @@ def load_oasst1(files, name, opts, policy, out: Loaded) -> None:
         if langs and str(root.get("lang", "")).lower() not in langs:
             out.drop("language not selected")
             continue
-        path_msgs = [root]
-        while children.get(path_msgs[-1]["message_id"]):
-            replies = children[path_msgs[-1]["message_id"]]
-            best = min(
-                replies,
-                key=lambda m: (
-                    m.get("rank") is None,
-                    m.get("rank") or 0,
-                    str(m.get("created_date", "")),
-                    m["message_id"],
-                ),
-            )
-            path_msgs.append(best)
-        while path_msgs and path_msgs[-1]["role"] != "assistant":
-            path_msgs.pop()
+        path_msgs = _best_path(root, children)
         if not path_msgs:
             out.drop("no assistant reply")
             continue
@@ -455,6 +412,56 @@ def load_oasst1(files, name, opts, policy, out: Loaded) -> None:
                 source=name, id=f"{name}-{tree_id}", messages=conversation, meta={"lang": root.get("lang")}
             )
         )
+
+
+def _oasst_messages(files: list[Path], policy: ErrorPolicy) -> dict[str, dict]:
+    """Every message of the files by id, from message rows or whole trees (each remembers where it was read)."""
+    messages: dict[str, dict] = {}
+    for path in files:
+        for where, obj in iter_objects(path, policy):
+            try:
+                if "prompt" in obj and "message_id" not in obj:
+                    _oasst_walk_tree(messages, where, obj["prompt"], None)
+                else:
+                    _oasst_add(messages, where, obj)
+            except RowError as e:
+                policy.handle(e)
+    return messages
+
+
+def _oasst_add(messages: dict[str, dict], where: str, m: dict) -> None:
+    for key in ("message_id", "role", "text"):
+        if not isinstance(m.get(key), str):
+            raise RowError(f"{where}: field '{key}' must be a string")
+    if m["role"] not in ("prompter", "assistant"):
+        raise RowError(f"{where}: role {m['role']!r} is not prompter or assistant")
+    rank = m.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+        raise RowError(f"{where}: 'rank' must be a number or null")
+    messages[m["message_id"]] = {**m, "_where": where}
+
+
+def _oasst_walk_tree(messages: dict[str, dict], where: str, node: dict, parent: str | None) -> None:
+    if not isinstance(node, dict):
+        raise RowError(f"{where}: a tree node must be an object")
+    _oasst_add(messages, where, {**node, "parent_id": parent})
+    for child in node.get("replies") or []:
+        _oasst_walk_tree(messages, where, child, node["message_id"])
+
+
+def _reply_order(m: dict) -> tuple:
+    """Best reply first: ranked before unranked, then by rank, creation date and id."""
+    return (m.get("rank") is None, m.get("rank") or 0, str(m.get("created_date", "")), m["message_id"])
+
+
+def _best_path(root: dict, children: dict[str | None, list[dict]]) -> list[dict]:
+    """From the root prompt down the best reply at every level, ending on an assistant turn ([] if none)."""
+    path = [root]
+    while children.get(path[-1]["message_id"]):
+        path.append(min(children[path[-1]["message_id"]], key=_reply_order))
+    while path and path[-1]["role"] != "assistant":
+        path.pop()
+    return path
 
 
 # ---- plain text -----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from daytune.data.files import ErrorPolicy
 from daytune.data.hub import fetch_dataset
 from daytune.data.recipe import DataRecipe, format_of, label_of, load_options, provenance_of
 from daytune.data.records import record_text, responses
-from daytune.data.sources import SOURCES, check_provenance, licence_allows_commercial
+from daytune.data.sources import SOURCES, Provenance, check_provenance, licence_allows_commercial
 from daytune.data.templates import render_segments
 from daytune.data.trainset import fingerprint_files
 from daytune.errors import ConfigError, DataError
@@ -82,6 +83,35 @@ class Ledger:
 
     def as_list(self) -> list[dict[str, Any]]:
         return [vars(r) for r in self.entries.values()]
+
+
+@dataclass
+class Books:
+    """What the steps report for the card as they go: removed rows, the rows each source has after each step,
+    where each source came from, the decontamination check, warnings and each step's seconds."""
+
+    ledger: Ledger
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> step -> rows
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    decontamination: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def keep(self, step: str, keep: list[bool], candidates: list[dict]) -> list[dict]:
+        """The candidates marked to keep; counts what each source has left after `step`."""
+        kept = [r for r, k in zip(candidates, keep) if k]
+        n_by_source: dict[str, int] = defaultdict(int)
+        for r in kept:
+            n_by_source[r["source"]] += 1
+        for label in self.counts:
+            self.counts[label][step] = n_by_source.get(label, 0)
+        return kept
+
+    @contextmanager
+    def timed(self, step: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[step] = time.perf_counter() - t0
 
 
 def near_text(rec: dict) -> str:
@@ -209,12 +239,37 @@ def prepare(
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise DataError(f"--out {out} already exists; choose another folder, or pass --force to replace it")
     recipe.validate()
-    timings: dict[str, float] = {}
-    warnings: list[str] = []
-    ledger = Ledger(recipe.examples_per_reason)
+    books = Books(Ledger(recipe.examples_per_reason))
     datasets_dir = Path(recipe.datasets_dir) if recipe.datasets_dir else default_datasets_dir()
+    provenance = gate_provenance(recipe)  # before any data is read
+    from daytune.models import load_tokenizer, resolve_model
 
-    # ---- provenance gate: before any data is read --------------------------------------------------------
+    tokenizer = load_tokenizer(resolve_model(recipe.model, log=lambda m: _log(reporter, m)))
+    with books.timed("load"):
+        rows = load_sources(recipe, provenance, datasets_dir, books, reporter)
+    with books.timed("filters"):
+        rows = apply_filters(rows, tokenizer, recipe, books)
+    with books.timed("exact_dedup"):
+        rows = drop_exact_duplicates(rows, recipe, books)
+    with books.timed("near_dedup"):
+        rows = drop_near_duplicates(rows, recipe, books)
+    with books.timed("decontamination"):
+        eval_dirs = [Path(d) for d in extra_eval_dirs]
+        rows = decontaminate(rows, recipe, datasets_dir, list(extra_eval_files), eval_dirs, books)
+    rng = random.Random(recipe.seed)  # one stream for selection, split and shuffles, in this order
+    selected = select_rows(rows, recipe, rng, books)
+    train_rows, val_rows = split_rows(selected, recipe, rng, books)
+    card = write_dataset(out, force, recipe, recipe_file, train_rows, val_rows, books, t_start)
+    _log(
+        reporter,
+        f"Wrote {len(train_rows)} training and {len(val_rows)} validation rows to {out} "
+        f"(fingerprint {card['fingerprint'][:19]}) in {card['seconds']['total']:.1f}s.",
+    )
+    return card
+
+
+def gate_provenance(recipe: DataRecipe) -> dict[str, Provenance]:
+    """Each source's provenance, checked against the recipe's rules: refused sources are never read."""
     provs = {}
     for i, s in enumerate(recipe.sources):
         label = label_of(s)
@@ -223,36 +278,27 @@ def prepare(
             f"sources[{i}] '{label}'", prov, recipe.allow_llm_generated, recipe.allow_noncommercial
         )
         provs[label] = prov
+    return provs
 
-    from daytune.models import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(recipe.model, log=lambda m: _log(reporter, m)))
-
-    # ---- load ---------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+def load_sources(
+    recipe: DataRecipe, provenance: dict[str, Provenance], datasets_dir: Path, books: Books, reporter
+) -> list[dict]:
+    """Every source's rows, in recipe order; what each source is goes into the books."""
     rows: list[dict] = []
-    source_info: list[dict[str, Any]] = []
-    counts: dict[str, dict[str, int]] = {}
     for i, s in enumerate(recipe.sources):
         label, fmt = label_of(s), format_of(s)
         files, origin = _source_files(s, fmt, datasets_dir)
         policy = ErrorPolicy(s.on_error or recipe.on_error)
         loaded = loaders.load(fmt, files, label, load_options(s, recipe.seed), policy)
         if loaded.licences and not recipe.allow_noncommercial:
-            bad = {t: lic for t, lic in loaded.licences.items() if not licence_allows_commercial(lic)}
-            if bad:
-                shown = "; ".join(f"{t} ({lic})" for t, lic in sorted(bad.items())[:5])
-                raise ConfigError(
-                    f"sources[{i}] '{label}': refused: {len(bad)} task(s) have a licence that does not allow "
-                    f"commercial use and the recipe has allow_noncommercial: false: {shown}. Leave them out with "
-                    "exclude_tasks, or set allow_noncommercial: true."
-                )
+            _refuse_noncommercial_tasks(f"sources[{i}] '{label}'", loaded.licences)
         for msg in policy.skipped:
-            ledger.remove("load", "malformed row (on_error: skip)", label, detail=msg)
+            books.ledger.remove("load", "malformed row (on_error: skip)", label, detail=msg)
         for reason, n in loaded.dropped.items():
-            ledger.remove("load", reason, label, n=n)
-        prov = provs[label]
-        source_info.append(
+            books.ledger.remove("load", reason, label, n=n)
+        prov = provenance[label]
+        books.sources.append(
             {
                 "name": label,
                 "source": s.source,
@@ -269,123 +315,135 @@ def prepare(
             }
         )
         rows += loaded.records
-        counts[label] = {"loaded": len(loaded.records)}
+        books.counts[label] = {"loaded": len(loaded.records)}
         _log(reporter, f"Loaded {len(loaded.records)} rows from {label} ({origin}).")
-    timings["load"] = time.perf_counter() - t0
     if not rows:
         raise DataError("no rows loaded from any source")
+    return rows
 
-    def keep_rows(step: str, keep: list[bool], candidates: list[dict]) -> list[dict]:
-        kept = [r for r, k in zip(candidates, keep) if k]
-        n_by_source: dict[str, int] = defaultdict(int)
-        for r in kept:
-            n_by_source[r["source"]] += 1
-        for label in counts:
-            counts[label][step] = n_by_source.get(label, 0)
-        return kept
 
-    # ---- filters ------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    fc = recipe.filters
+def _refuse_noncommercial_tasks(label: str, licences: dict[str, str]) -> None:
+    """Task collections state a licence per task: one that forbids commercial use refuses the source."""
+    bad = {t: lic for t, lic in licences.items() if not licence_allows_commercial(lic)}
+    if bad:
+        shown = "; ".join(f"{t} ({lic})" for t, lic in sorted(bad.items())[:5])
+        raise ConfigError(
+            f"{label}: refused: {len(bad)} task(s) have a licence that does not allow "
+            f"commercial use and the recipe has allow_noncommercial: false: {shown}. Leave them out with "
+            "exclude_tasks, or set allow_noncommercial: true."
+        )
+
+
+def apply_filters(rows: list[dict], tokenizer, recipe: DataRecipe, books: Books) -> list[dict]:
+    """Drop empty responses, rows outside [min_tokens, max_tokens] and rows training would truncate; every row
+    gets its token count (`_tokens`, not written)."""
     lengths = _token_lengths(rows, tokenizer, recipe)
     keep = []
     for rec, n in zip(rows, lengths):
-        reason = None
-        if fc.drop_empty and any(not r.strip() for r in responses(rec)):
-            reason, detail = "empty response", "a response (or an assistant turn) is empty"
-        elif n < fc.min_tokens:
-            reason, detail = f"shorter than min_tokens ({fc.min_tokens})", f"{n} tokens"
-        elif fc.max_tokens is not None and n > fc.max_tokens:
-            reason, detail = f"longer than max_tokens ({fc.max_tokens})", f"{n} tokens"
-        elif fc.drop_truncated and n > recipe.max_seq_len:
-            reason = f"truncated: longer than max_seq_len ({recipe.max_seq_len})"
-            detail = f"{n} tokens: the response would be cut in training"
+        reason, detail = _filter_reason(rec, n, recipe)
         if reason:
-            ledger.remove("filters", reason, rec["source"], rec["id"], detail, record_text(rec))
+            books.ledger.remove("filters", reason, rec["source"], rec["id"], detail, record_text(rec))
         keep.append(reason is None)
     for rec, n in zip(rows, lengths):
         rec["_tokens"] = n
-    rows = keep_rows("after_filters", keep, rows)
-    timings["filters"] = time.perf_counter() - t0
+    return books.keep("after_filters", keep, rows)
 
-    # ---- exact and near duplicates -------------------------------------------------------------------------
+
+def _filter_reason(rec: dict, n: int, recipe: DataRecipe) -> tuple[str | None, str]:
+    """Why the filters drop a row of `n` tokens (None: kept), and the detail the card shows."""
+    fc = recipe.filters
+    if fc.drop_empty and any(not r.strip() for r in responses(rec)):
+        return "empty response", "a response (or an assistant turn) is empty"
+    if n < fc.min_tokens:
+        return f"shorter than min_tokens ({fc.min_tokens})", f"{n} tokens"
+    if fc.max_tokens is not None and n > fc.max_tokens:
+        return f"longer than max_tokens ({fc.max_tokens})", f"{n} tokens"
+    if fc.drop_truncated and n > recipe.max_seq_len:
+        reason = f"truncated: longer than max_seq_len ({recipe.max_seq_len})"
+        return reason, f"{n} tokens: the response would be cut in training"
+    return None, ""
+
+
+def drop_exact_duplicates(rows: list[dict], recipe: DataRecipe, books: Books) -> list[dict]:
+    if not recipe.dedup.exact:
+        books.warnings.append("exact deduplication is off (dedup.exact: false)")
+        return books.keep("after_exact_dedup", [True] * len(rows), rows)
+    dups = exact_duplicates([record_text(r) for r in rows])
+    for i, j in dups.items():
+        books.ledger.remove(
+            "exact_dedup",
+            "exact duplicate",
+            rows[i]["source"],
+            rows[i]["id"],
+            f"same text as {rows[j]['id']}",
+            record_text(rows[i]),
+        )
+    return books.keep("after_exact_dedup", [i not in dups for i in range(len(rows))], rows)
+
+
+def drop_near_duplicates(rows: list[dict], recipe: DataRecipe, books: Books) -> list[dict]:
     dd = recipe.dedup
-    t0 = time.perf_counter()
-    if dd.exact:
-        dups = exact_duplicates([record_text(r) for r in rows])
-        for i, j in dups.items():
-            ledger.remove(
-                "exact_dedup",
-                "exact duplicate",
-                rows[i]["source"],
-                rows[i]["id"],
-                f"same text as {rows[j]['id']}",
-                record_text(rows[i]),
-            )
-        rows = keep_rows("after_exact_dedup", [i not in dups for i in range(len(rows))], rows)
-    else:
-        keep_rows("after_exact_dedup", [True] * len(rows), rows)
-        warnings.append("exact deduplication is off (dedup.exact: false)")
-    timings["exact_dedup"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if dd.near:
-        near = near_duplicates(
-            [near_text(r) for r in rows], dd.threshold, dd.num_perm, dd.shingle, recipe.seed
+    if not dd.near:
+        books.warnings.append("near-duplicate removal is off (dedup.near: false)")
+        return books.keep("after_near_dedup", [True] * len(rows), rows)
+    near = near_duplicates([near_text(r) for r in rows], dd.threshold, dd.num_perm, dd.shingle, recipe.seed)
+    for i, (j, sim) in near.items():
+        books.ledger.remove(
+            "near_dedup",
+            f"near duplicate (MinHash Jaccard >= {dd.threshold})",
+            rows[i]["source"],
+            rows[i]["id"],
+            f"~{sim:.2f} similar to {rows[j]['id']}: {cards.clip(near_text(rows[j]), 120)}",
+            near_text(rows[i]),
         )
-        for i, (j, sim) in near.items():
-            ledger.remove(
-                "near_dedup",
-                f"near duplicate (MinHash Jaccard >= {dd.threshold})",
-                rows[i]["source"],
-                rows[i]["id"],
-                f"~{sim:.2f} similar to {rows[j]['id']}: {cards.clip(near_text(rows[j]), 120)}",
-                near_text(rows[i]),
-            )
-        rows = keep_rows("after_near_dedup", [i not in near for i in range(len(rows))], rows)
-    else:
-        keep_rows("after_near_dedup", [True] * len(rows), rows)
-        warnings.append("near-duplicate removal is off (dedup.near: false)")
-    timings["near_dedup"] = time.perf_counter() - t0
+    return books.keep("after_near_dedup", [i not in near for i in range(len(rows))], rows)
 
-    # ---- decontamination ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def decontaminate(
+    rows: list[dict],
+    recipe: DataRecipe,
+    datasets_dir: Path,
+    extra_files: list[str],
+    extra_dirs: list[Path],
+    books: Books,
+) -> list[dict]:
+    """Drop rows that share an n-gram with an evaluation set; the card lists what was checked and found."""
     dc = recipe.decontaminate
-    decontam: dict[str, Any] = {"enabled": dc.enabled, "ngram": dc.ngram, "min_ngram": dc.min_ngram}
-    if dc.enabled:
-        index, info = _eval_index(
-            recipe, datasets_dir, list(extra_eval_files), [Path(d) for d in extra_eval_dirs]
+    decontam = books.decontamination
+    decontam.update({"enabled": dc.enabled, "ngram": dc.ngram, "min_ngram": dc.min_ngram})
+    if not dc.enabled:
+        books.warnings.append("decontamination is off (decontaminate.enabled: false): nothing was checked")
+        return books.keep("after_decontamination", [True] * len(rows), rows)
+    index, info = _eval_index(recipe, datasets_dir, extra_files, extra_dirs)
+    decontam.update(info)
+    if info["not_found"]:
+        books.warnings.append(
+            f"evaluation sets not found under {' or '.join(info['searched'])} and so not checked: "
+            f"{', '.join(info['not_found'])} (set decontaminate.eval_dir, datasets_dir or DAYTUNE_DATASETS)"
         )
-        decontam.update(info)
-        if info["not_found"]:
-            warnings.append(
-                f"evaluation sets not found under {' or '.join(info['searched'])} and so not checked: "
-                f"{', '.join(info['not_found'])} (set decontaminate.eval_dir, datasets_dir or DAYTUNE_DATASETS)"
-            )
-        matches = index.check([record_text(r) for r in rows])
-        by_set: dict[str, int] = defaultdict(int)
-        bad = set()
-        for m in matches:
-            rec = rows[m.row]
-            bad.add(m.row)
-            by_set[m.eval_set] += 1
-            ledger.remove(
-                "decontamination",
-                f"overlaps {m.eval_set}",
-                rec["source"],
-                rec["id"],
-                f"shares '{m.ngram}' with {m.eval_item}",
-                record_text(rec),
-            )
-        decontam["removed_by_eval_set"] = dict(by_set)
-        decontam["removed"] = len(bad)
-        rows = keep_rows("after_decontamination", [i not in bad for i in range(len(rows))], rows)
-    else:
-        keep_rows("after_decontamination", [True] * len(rows), rows)
-        warnings.append("decontamination is off (decontaminate.enabled: false): nothing was checked")
-    timings["decontamination"] = time.perf_counter() - t0
+    by_set: dict[str, int] = defaultdict(int)
+    bad = set()
+    for m in index.check([record_text(r) for r in rows]):
+        rec = rows[m.row]
+        bad.add(m.row)
+        by_set[m.eval_set] += 1
+        books.ledger.remove(
+            "decontamination",
+            f"overlaps {m.eval_set}",
+            rec["source"],
+            rec["id"],
+            f"shares '{m.ngram}' with {m.eval_item}",
+            record_text(rec),
+        )
+    decontam["removed_by_eval_set"] = dict(by_set)
+    decontam["removed"] = len(bad)
+    return books.keep("after_decontamination", [i not in bad for i in range(len(rows))], rows)
 
-    # ---- selection, split, weights -----------------------------------------------------------------------
-    rng = random.Random(recipe.seed)
+
+def select_rows(
+    rows: list[dict], recipe: DataRecipe, rng: random.Random, books: Books
+) -> dict[str, list[dict]]:
+    """Each source's cleaned rows cut to max_rows, then sampled down by a weight below 1 (seeded)."""
     by_source: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_source[r["source"]].append(r)
@@ -395,16 +453,29 @@ def prepare(
         pool = by_source.get(label, [])
         if s.max_rows is not None and len(pool) > s.max_rows:
             chosen = set(rng.sample(range(len(pool)), s.max_rows))
-            ledger.remove("selection", f"beyond max_rows ({s.max_rows})", label, n=len(pool) - s.max_rows)
+            books.ledger.remove(
+                "selection", f"beyond max_rows ({s.max_rows})", label, n=len(pool) - s.max_rows
+            )
             pool = [r for i, r in enumerate(pool) if i in chosen]
         if s.weight < 1:
             n_keep = round(len(pool) * s.weight)
             chosen = set(rng.sample(range(len(pool)), n_keep))
             if len(pool) - n_keep:
-                ledger.remove("selection", f"sampled out by weight {s.weight:g}", label, n=len(pool) - n_keep)
+                books.ledger.remove(
+                    "selection", f"sampled out by weight {s.weight:g}", label, n=len(pool) - n_keep
+                )
             pool = [r for i, r in enumerate(pool) if i in chosen]
         selected[label] = pool
-        counts[label]["selected"] = len(pool)
+        books.counts[label]["selected"] = len(pool)
+    return selected
+
+
+def split_rows(
+    selected: dict[str, list[dict]], recipe: DataRecipe, rng: random.Random, books: Books
+) -> tuple[list[dict], list[dict]]:
+    """Validation rows per source (val_fraction, capped at val_max_rows in all), then the training rows repeated
+    by a weight of 1 or more; both shuffled."""
+    counts = books.counts
     n_val = {label: round(len(pool) * recipe.val_fraction) for label, pool in selected.items()}
     total_val = sum(n_val.values())
     if recipe.val_max_rows is not None and total_val > recipe.val_max_rows:
@@ -430,9 +501,21 @@ def prepare(
         raise DataError("no training rows left after cleaning and selection; see the removed rows above")
     if any(counts[label]["loaded"] == 0 for label in counts):
         empty = [label for label in counts if counts[label]["loaded"] == 0]
-        warnings.append(f"sources that gave no rows: {', '.join(empty)}")
+        books.warnings.append(f"sources that gave no rows: {', '.join(empty)}")
+    return train_rows, val_rows
 
-    # ---- write --------------------------------------------------------------------------------------------
+
+def write_dataset(
+    out: Path,
+    force: bool,
+    recipe: DataRecipe,
+    recipe_file: str | None,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    books: Books,
+    t_start: float,
+) -> dict[str, Any]:
+    """Write the rows, the card and the histogram to a temporary folder, then move it into `out` whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
     try:
@@ -443,42 +526,7 @@ def prepare(
                         json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, ensure_ascii=False)
                         + "\n"
                     )
-        files = {
-            name: {"rows": n, "bytes": (tmp / name).stat().st_size}
-            for name, n in (("train.jsonl", len(train_rows)), ("val.jsonl", len(val_rows)))
-        }
-        card = {
-            "name": recipe.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "fingerprint": fingerprint_files([tmp / "train.jsonl", tmp / "val.jsonl"]),
-            "files": files,
-            "recipe_file": recipe_file,
-            "tokenizer": {
-                "model": recipe.model,
-                "template": recipe.template,
-                "system_prompt": recipe.system_prompt,
-                "max_seq_len": recipe.max_seq_len,
-            },
-            "rules": {
-                "allow_llm_generated": recipe.allow_llm_generated,
-                "allow_noncommercial": recipe.allow_noncommercial,
-            },
-            "steps": [*STEPS, "val", "train"],
-            "sources": [{**info, "rows": counts[info["name"]]} for info in source_info],
-            "removed": ledger.as_list(),
-            "dedup": {
-                "exact": dd.exact,
-                "near": dd.near,
-                "threshold": dd.threshold,
-                "num_perm": dd.num_perm,
-                "shingle_words": dd.shingle,
-            },
-            "decontamination": decontam,
-            "tokens": cards.token_stats(train_rows, val_rows),
-            "licences": cards.licence_table(source_info),
-            "warnings": warnings,
-            "seconds": {k: round(v, 2) for k, v in timings.items()},
-        }
+        card = _card(tmp, recipe, recipe_file, train_rows, val_rows, books)
         cards.write_histogram(tmp / cards.HISTOGRAM, train_rows, recipe.max_seq_len)
         card["tokens"]["histogram"] = cards.HISTOGRAM
         card["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
@@ -487,18 +535,58 @@ def prepare(
             json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         (tmp / cards.CARD_MD).write_text(cards.markdown(card), encoding="utf-8")
-        if out.exists() and force:
-            replace_dir_atomic(tmp, out)
-        else:
-            if out.is_dir():
-                out.rmdir()  # empty: checked above
-            replace_dir_atomic(tmp, out)
+        if out.is_dir() and not force:
+            out.rmdir()  # empty: prepare checked
+        replace_dir_atomic(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log(
-        reporter,
-        f"Wrote {len(train_rows)} training and {len(val_rows)} validation rows to {out} "
-        f"(fingerprint {card['fingerprint'][:19]}) in {card['seconds']['total']:.1f}s.",
-    )
     return card
+
+
+def _card(
+    folder: Path,
+    recipe: DataRecipe,
+    recipe_file: str | None,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    books: Books,
+) -> dict[str, Any]:
+    """The data card of the rows written to `folder` (its histogram, total time and recipe are added after)."""
+    dd = recipe.dedup
+    files = {
+        name: {"rows": n, "bytes": (folder / name).stat().st_size}
+        for name, n in (("train.jsonl", len(train_rows)), ("val.jsonl", len(val_rows)))
+    }
+    return {
+        "name": recipe.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": fingerprint_files([folder / "train.jsonl", folder / "val.jsonl"]),
+        "files": files,
+        "recipe_file": recipe_file,
+        "tokenizer": {
+            "model": recipe.model,
+            "template": recipe.template,
+            "system_prompt": recipe.system_prompt,
+            "max_seq_len": recipe.max_seq_len,
+        },
+        "rules": {
+            "allow_llm_generated": recipe.allow_llm_generated,
+            "allow_noncommercial": recipe.allow_noncommercial,
+        },
+        "steps": [*STEPS, "val", "train"],
+        "sources": [{**info, "rows": books.counts[info["name"]]} for info in books.sources],
+        "removed": books.ledger.as_list(),
+        "dedup": {
+            "exact": dd.exact,
+            "near": dd.near,
+            "threshold": dd.threshold,
+            "num_perm": dd.num_perm,
+            "shingle_words": dd.shingle,
+        },
+        "decontamination": books.decontamination,
+        "tokens": cards.token_stats(train_rows, val_rows),
+        "licences": cards.licence_table(books.sources),
+        "warnings": books.warnings,
+        "seconds": {k: round(v, 2) for k, v in books.seconds.items()},
+    }

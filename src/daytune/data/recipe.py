@@ -6,13 +6,12 @@ are resolved against the recipe's folder.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from daytune.config import TEMPLATES, from_dict, parse_override
+from daytune.config import TEMPLATES, apply_overrides, from_dict, model_beside_recipe, read_yaml_mapping
 from daytune.data.loaders import FORMATS, LoadOptions
 from daytune.data.sources import Provenance, get_source
 from daytune.errors import ConfigError
@@ -38,9 +37,8 @@ class SourceConfig:
     hub: str | None = None  # a Hugging Face dataset id
     revision: str | None = None  # hub revision (branch, tag or commit)
     files: list[str] = field(default_factory=list)  # file patterns inside the folder or hub repo
-    weight: float = (
-        1.0  # sampling rate of the cleaned rows: 0.5 keeps half, 2 repeats each training row twice
-    )
+    # sampling rate of the cleaned rows: 0.5 keeps half, 2 repeats each training row twice
+    weight: float = 1.0
     max_rows: int | None = None  # at most N cleaned rows (seeded sample), before the weight
     max_per_task: int | None = None  # sni, flan: at most N rows per task
     tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to keep
@@ -212,22 +210,11 @@ def load_options(s: SourceConfig, seed: int) -> LoadOptions:
     )
 
 
-def load_data_recipe(path: str | Path, overrides: list[str] = ()) -> DataRecipe:
+def load_data_recipe(path: str | Path, overrides: Iterable[str] = ()) -> DataRecipe:
     """Read a data recipe YAML, apply `--set` overrides, resolve paths against its folder, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping (name, sources, filters, ...) at the top")
-    for item in overrides:
-        keys, value = parse_override(item)
-        _apply_override(data, keys, value)
+    data = read_yaml_mapping(path, "data recipe", "(name, sources, filters, ...)")
+    apply_overrides(data, overrides)
     try:
         recipe = from_dict(DataRecipe, data)
         resolve_paths(recipe, path.resolve().parent)
@@ -237,47 +224,20 @@ def load_data_recipe(path: str | Path, overrides: list[str] = ()) -> DataRecipe:
     return recipe
 
 
-def _apply_override(data: dict, keys: list[str], value: Any) -> None:
-    """Like a run recipe's --set, and a number picks a list item: --set sources.1.max_rows=500."""
-    node: Any = data
-    for i, k in enumerate(keys):
-        last = i == len(keys) - 1
-        where = ".".join(keys[: i + 1])
-        if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                raise ConfigError(
-                    f"--set {'.'.join(keys)}: '{where}' is not an item of the list (0..{len(node) - 1})"
-                )
-            if last:
-                node[int(k)] = value
-            node = node[int(k)]
-        elif isinstance(node, dict):
-            if last:
-                node[k] = value
-            node = node.setdefault(k, {})
-        else:
-            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i])}' is not a section")
+def _resolve(p: str | None, base: Path) -> str | None:
+    if not p:
+        return p
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
 
 
 def resolve_paths(recipe: DataRecipe, base: Path) -> None:
-    def resolve(p: str | None) -> str | None:
-        if not p:
-            return p
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (base / q).resolve())
-
-    recipe.datasets_dir = resolve(recipe.datasets_dir)
-    recipe.decontaminate.eval_dir = resolve(recipe.decontaminate.eval_dir)
-    recipe.decontaminate.eval_files = [resolve(p) for p in recipe.decontaminate.eval_files]
+    recipe.datasets_dir = _resolve(recipe.datasets_dir, base)
+    recipe.decontaminate.eval_dir = _resolve(recipe.decontaminate.eval_dir, base)
+    recipe.decontaminate.eval_files = [_resolve(p, base) for p in recipe.decontaminate.eval_files]
     for s in recipe.sources:
-        s.path = resolve(s.path)
-    model = Path(recipe.model).expanduser()
-    if (
-        not model.is_absolute()
-        and ("/" in recipe.model or recipe.model.endswith(".gguf"))
-        and (base / model).exists()
-    ):
-        recipe.model = str((base / model).resolve())
+        s.path = _resolve(s.path, base)
+    recipe.model = model_beside_recipe(recipe.model, base)
 
 
 def recipe_dict(recipe: DataRecipe) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from daytune.data.jsonl import read_records
 from daytune.errors import DataError
+from daytune.fileio import sha256_file
 
 CARD = "data_card.json"
 
@@ -18,11 +19,7 @@ def fingerprint_files(paths: list[Path]) -> str:
     """sha256 over each file's name and content: the same data gives the same fingerprint wherever it lives."""
     outer = hashlib.sha256()
     for p in paths:
-        inner = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                inner.update(chunk)
-        outer.update(f"{p.name}\0{inner.hexdigest()}\n".encode())
+        outer.update(f"{p.name}\0{sha256_file(p)}\n".encode())
     return "sha256:" + outer.hexdigest()
 
 

@@ -7,16 +7,17 @@ GGUF metadata takes tens of seconds and transformers refuses to `save_pretrained
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from daytune.errors import ModelError
-from daytune.fileio import temp_dir_beside
-from daytune.models.registry import KNOWN_MODELS, embedded_gguf
+from daytune.fileio import sha256_file, temp_dir_beside
+from daytune.models.registry import MODELS, Model, embedded_gguf, loadable_model, loadable_names
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -32,8 +33,8 @@ def resolve_model(ref: str, *, log=print) -> Path:
         raise ModelError(
             "empty model reference; use a name (smollm2-135m), a folder, a .gguf file or a hub id"
         )
-    if ref in KNOWN_MODELS:
-        known = KNOWN_MODELS[ref]
+    known = loadable_model(ref)
+    if known is not None:
         if known.python_package:
             return gguf_to_hf(embedded_gguf(known), log=log)
         return _from_hub(known.hub_id)
@@ -50,7 +51,7 @@ def resolve_model(ref: str, *, log=print) -> Path:
         raise ModelError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return _from_hub(ref)
-    names = ", ".join(sorted(KNOWN_MODELS))
+    names = ", ".join(loadable_names())
     raise ModelError(
         f"unknown model reference '{ref}': not a registered name ({names}), an existing folder or .gguf file, "
         "or a hub id of the form org/name"
@@ -76,18 +77,10 @@ def _from_hub(hub_id: str) -> Path:
         ) from None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def gguf_to_hf(gguf: Path, *, log=print) -> Path:
     """Dequantize a GGUF once into $DAYTUNE_HOME/models/<stem>-<sha>/ (fp32 safetensors + tokenizer)."""
     gguf = gguf.resolve()
-    target = daytune_home() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    target = daytune_home() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +113,65 @@ def gguf_to_hf(gguf: Path, *, log=print) -> Path:
         raise
     log(f"Converted in {time.monotonic() - t0:.0f}s.")
     return target
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One registered model as `daytune models` and `daytune plan --list` show it."""
+
+    name: str
+    hub_id: str
+    params: int
+    family: str
+    licence: str
+    loadable: bool  # `--model NAME` loads it (the others: by hub id, or planned only)
+    challenge: bool  # a base model the NeurIPS 2023 LLM Efficiency Challenge allowed
+    local: str  # what this machine has: converted, embedded, cached, config only, not installed, -
+    summary: str  # the architecture in one line
+
+    def line(self) -> str:
+        tags = [
+            t
+            for t, on in (("loads by name", self.loadable), ("not a challenge model", not self.challenge))
+            if on
+        ]
+        return (
+            f"{self.name:14s} {self.params / 1e9:6.2f}B  {self.family:6s} {self.hub_id:38s} {self.local:14s} "
+            f"[{self.licence}]" + (f"  ({', '.join(tags)})" if tags else "")
+        )
+
+
+def list_models() -> list[ModelRow]:
+    """Every registered model, with what this machine already has of it (file checks only, nothing fetched)."""
+    return [
+        ModelRow(
+            name=m.name,
+            hub_id=m.hub_id,
+            params=m.arch.total_params(),
+            family=m.arch.family,
+            licence=m.licence,
+            loadable=m.loadable,
+            challenge=m.arch.challenge,
+            local=_local_state(m),
+            summary=m.arch.summary(),
+        )
+        for m in MODELS.values()
+    ]
+
+
+def _local_state(m: Model) -> str:
+    if m.python_package:
+        if importlib.util.find_spec(m.python_package) is None:
+            return "not installed"
+        stem = Path(m.gguf_file or "").stem
+        converted = any((p / "config.json").is_file() for p in (daytune_home() / "models").glob(f"{stem}-*"))
+        return "converted" if converted else "embedded"
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(m.hub_id, "config.json")
+    if not isinstance(config, str):
+        return "-"
+    return "cached" if any(Path(config).parent.glob("*.safetensors")) else "config only"
 
 
 def load_tokenizer(path: Path):

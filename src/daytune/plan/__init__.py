@@ -1,6 +1,6 @@
 """The planner: memory and time of a fine-tuning run before it starts, from architecture numbers alone.
 
-models.py      architecture registry (published configs, cited) and config.json reading
+models.py      a model reference -> its architecture (the cited registry is daytune.models.registry)
 devices.py     GPUs with their published peaks; this CPU, measured
 memory.py      the memory breakdown and peak of a training step
 throughput.py  FLOPs per token and an efficiency measured on real runs -> tokens/s
@@ -55,10 +55,11 @@ def write_run_plan(
     import json
     from pathlib import Path
 
+    from daytune.errors import ModelError
     from daytune.fileio import write_json_atomic
     from daytune.hardware import detect
+    from daytune.models.arch import arch_from_config
     from daytune.plan.dataset import from_examples
-    from daytune.plan.models import ModelError, arch_from_config
     from daytune.plan.search import make_plan
     from daytune.units import parse_duration
 

@@ -23,9 +23,8 @@ class DataStats:
     labels: list[int] = field(repr=False)  # loss positions per example
     seed: int = 42  # the batch plan's, as training would use them (train.seed, data.group_by_length)
     group_by_length: bool = False
-    _epochs: dict = field(
-        default_factory=dict, repr=False, compare=False
-    )  # epoch() results: the search repeats
+    # epoch() results: the search repeats
+    _epochs: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:

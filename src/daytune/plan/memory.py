@@ -28,12 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from daytune.plan.models import FAMILY_LINEARS, Arch
+from daytune.config import METHODS
+from daytune.models.arch import FAMILY_LINEARS, Arch
 
 GB = 1e9
 GIB = 2**30
 CHUNK = 1024  # daytune.engine.CHUNK: positions per output-layer chunk
-METHODS = ("lora", "dora", "qlora", "full", "freeze", "adapter", "prefix", "prompt", "ptuning", "ia3")
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 
 
@@ -44,19 +44,16 @@ class Stack:
     name: str = "daytune"
     logits: str = "labels"  # labels: daytune.engine (label positions, 1024-chunks) | all: every position held
     logits_held_bytes: int = 0  # logits="all": bytes per (position, vocab entry) held through backward
-    logits_chunks: int = (
-        1  # logits="all": the loss is computed in this many chunks (fp32 transient per chunk)
-    )
+    # logits="all": the loss is computed in this many chunks (fp32 transient per chunk)
+    logits_chunks: int = 1
     adapters_fp32: bool = True  # PEFT keeps adapter weights (and casts their inputs) in fp32 on a 16-bit base
-    qlora_fp32_rest: bool = (
-        True  # prepare_model_for_kbit_training: non-quantized weights, hence activations, fp32
-    )
+    # prepare_model_for_kbit_training: non-quantized weights, hence activations, fp32
+    qlora_fp32_rest: bool = True
     quant_saves_input: bool = False  # bitsandbytes < 0.42: each 4-bit matmul kept its input for backward
     fused_qkv_lora: bool = False  # one LoRA (one dropout) on a fused qkv projection (litgpt)
     quantized_head: bool = False  # qlora also stores the output layer in 4 bits (Lightning's bnb plugin)
-    sdpa_out_shared: bool | None = (
-        None  # attention output is the o_proj input's storage (None: HF, by family)
-    )
+    # attention output is the o_proj input's storage (None: HF, by family)
+    sdpa_out_shared: bool | None = None
     reference: str = ""
 
 
@@ -323,9 +320,8 @@ def _block(arch: Arch, s: Setup, layer: _Layer, rg: bool, kv_len: int) -> tuple[
     h, q, i = arch.hidden, arch.q_dim, arch.intermediate
     a = act_bytes(s)
     lora_b = 4 if s.stack.adapters_fp32 else a
-    mask_b = (
-        lora_b if s.device_type == "cpu" else 1
-    )  # CPU dropout multiplies by a float mask; CUDA keeps a bool one
+    # CPU dropout multiplies by a float mask; CUDA keeps a bool one
+    mask_b = lora_b if s.device_type == "cpu" else 1
     quant = s.method == "qlora"
     saved = _Saved()
     lin_in = {n: fin for n, _, fin, _, _ in arch.linears()}
@@ -425,17 +421,12 @@ def _attention(arch: Arch, s: Setup, a: int, kv_len: int) -> dict[str, float]:
         kv_b = up * (q if s.masked else kv)  # broadcast views without a mask, expanded copies with one
         return {"q": up * q, "k": kv_b, "v": kv_b, "probs": up * heads * kv_len}
     expand = s.masked and arch.kv_heads < heads  # repeat_kv copies k and v when a mask is given
-    saved = {
-        "q": a * q,
-        "k": a * (q if expand else kv),
-        "lse": 4 * heads,
-    }  # q, k: new tensors from the rotary
+    # q, k: new tensors from the rotary
+    saved = {"q": a * q, "k": a * (q if expand else kv), "lse": 4 * heads}
     if expand:
         saved["v"] = a * q
-    elif arch.family in (
-        "neox",
-        "qwen",
-    ):  # v is a view of the fused qkv output: its whole storage stays alive
+    elif arch.family in ("neox", "qwen"):
+        # v is a view of the fused qkv output: its whole storage stays alive
         saved["qkv"] = a * (q + 2 * kv)
     elif arch.family == "falcon":
         saved["v"] = a * kv

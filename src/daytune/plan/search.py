@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from daytune.hardware import Device
+from daytune.models.arch import Arch
 from daytune.plan.dataset import DataStats
 from daytune.plan.memory import GB, GIB, Breakdown, Setup, breakdown
-from daytune.plan.models import Arch
 from daytune.plan.throughput import Speed, predict
 
 PLAN_VERSION = 1

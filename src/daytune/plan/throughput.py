@@ -20,8 +20,9 @@ import statistics
 from dataclasses import dataclass, replace
 
 from daytune.hardware import Device
+from daytune.models.arch import Arch
+from daytune.models.registry import MODELS
 from daytune.plan.memory import TORCHTUNE_2024, Setup, trainable_params
-from daytune.plan.models import REGISTRY, Arch
 
 
 def method_class(method: str) -> str:
@@ -60,7 +61,7 @@ class ReferenceRun:
     """A measured training run: what it was, and its tokens/s."""
 
     device: str  # a devices.GPUS name, or "cpu"
-    model: str  # a models.REGISTRY name
+    model: str  # a models.registry.MODELS name
     setup: Setup
     tokens_per_s: float
     source: str
@@ -132,7 +133,7 @@ def efficiency(kind: str, method: str) -> tuple[float, list[str]]:
     values = []
     for r in chosen:
         peak = r.peak_flops or GPUS[r.device].peak_for(r.setup.precision)
-        ideal = peak / flops_per_token(REGISTRY[r.model], r.setup)
+        ideal = peak / flops_per_token(MODELS[r.model].arch, r.setup)
         values.append(r.tokens_per_s / (ideal * utilization(r.setup.tokens, kind)))
     return statistics.median(values), [r.source for r in chosen]
 

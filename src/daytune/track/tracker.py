@@ -10,7 +10,6 @@ processes of a multi-process run the tracker is disabled: only the main process 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import math
 import os
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daytune.fileio import write_json_atomic
+from daytune.fileio import sha256_file, write_json_atomic
 from daytune.track.backends import StartInfo, make_backend
 from daytune.track.runstore import RunDir
 
@@ -69,11 +68,7 @@ def file_fingerprint(path: str | Path | None) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return {"path": str(path), "missing": True}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def folder_manifest(folder: Path, hash_limit: int = 256 * 2**20) -> dict[str, Any]:
@@ -83,7 +78,7 @@ def folder_manifest(folder: Path, hash_limit: int = 256 * 2**20) -> dict[str, An
         if p.is_file():
             entry: dict[str, Any] = {"bytes": p.stat().st_size}
             if entry["bytes"] <= hash_limit:
-                entry["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+                entry["sha256"] = sha256_file(p)
             files[str(p.relative_to(folder))] = entry
     return files
 
@@ -460,9 +455,8 @@ def eval_metrics(results: dict[str, Any]) -> dict[str, float]:
         if not isinstance(sections, dict):
             continue
         for section, values in sections.items():
-            if section == "suite" and isinstance(
-                values, dict
-            ):  # scenario -> metric -> {value, ci_low, ci_high}
+            # suite: scenario -> metric -> {value, ci_low, ci_high}
+            if section == "suite" and isinstance(values, dict):
                 for name, sc in (values.get("scenarios") or {}).items():
                     for metric, m in (sc.get("metrics") or {}).items():
                         if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):

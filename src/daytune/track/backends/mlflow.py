@@ -45,12 +45,10 @@ class MlflowBackend:
             experiment = self.client.get_experiment_by_name(self.cfg.experiment)
             if experiment is None:
                 location = None
-                if uri.startswith(
-                    "sqlite:///"
-                ):  # artifacts beside the database, not in the current directory
-                    location = (
-                        (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-                    )
+                # artifacts beside the database, not in the current directory
+                if uri.startswith("sqlite:///"):
+                    folder = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+                    location = folder.resolve().as_uri()
                 experiment_id = self.client.create_experiment(self.cfg.experiment, artifact_location=location)
             else:
                 experiment_id = experiment.experiment_id

@@ -54,9 +54,8 @@ class WandbBackend:
         self.mode = None
 
     def start(self, info: StartInfo) -> dict[str, Any]:
-        os.environ.setdefault(
-            "WANDB_SILENT", "true"
-        )  # daytune prints its own lines; wandb's go to its debug logs
+        # daytune prints its own lines; wandb's go to its debug logs
+        os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         self.mode = resolve_mode(self.cfg.mode)
