@@ -146,16 +146,14 @@ def evaluate_pair(
     import torch
 
     from daytune.eval import evaluate
-    from daytune.models import load_model, load_tokenizer, resolve_model
-    from daytune.train.methods import load_trained
+    from daytune.models import ModelSource, load_for_inference, resolve_model
 
-    path = resolve_model(model_ref, log=reporter.log)
-    tokenizer = load_tokenizer(path)
+    base_dir = str(resolve_model(model_ref, log=reporter.log))  # once: the base and the tuned model share it
     results = {}
     with torch.no_grad():
         if trained is None or cfg.eval.base:
             reporter.log("Evaluating the base model...")
-            base = load_model(path)
+            base, tokenizer, _ = load_for_inference(ModelSource(base_dir), log=reporter.log)
             results["base"] = evaluate(base, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["base"]["suite"] = _suite(cfg, base, tokenizer, "base", suite_dir, reporter)
@@ -163,7 +161,7 @@ def evaluate_pair(
             gc.collect()
         if trained is not None:
             reporter.log("Evaluating the tuned model...")
-            tuned = load_trained(path, trained)
+            tuned, tokenizer, _ = load_for_inference(ModelSource(base_dir, trained), log=reporter.log)
             results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)

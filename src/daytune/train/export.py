@@ -16,8 +16,8 @@ from daytune.config import load_run_config
 from daytune.errors import ConfigError, RunError
 from daytune.fileio import replace_dir_atomic, temp_dir_beside
 from daytune.models import load_tokenizer, resolve_model
+from daytune.models.trained import MERGEABLE, load_trained
 from daytune.track import RunDir
-from daytune.train.methods import MERGEABLE, load_trained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -36,6 +36,7 @@ from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.hardware import autocast_kind, param_dtype, pick_device, resolve_precision
 from daytune.models import load_tokenizer, resolve_model
+from daytune.models.trained import load_base_for_training
 from daytune.plan import write_run_plan
 from daytune.plan.probe import resolve_micro_batch
 from daytune.progress import Reporter, budget_info
@@ -195,7 +196,7 @@ def train(
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
     examples, val_examples, stats, data_info = load_examples(cfg, tokenizer)
-    model = methods.load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
+    model = load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
