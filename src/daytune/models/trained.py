@@ -128,12 +128,21 @@ def eos_ids(model, tokenizer) -> frozenset[int]:
 
 
 def load_for_inference(
-    source: ModelSource, device: str | torch.device = "cpu", *, merge: bool = False, log=print
+    source: ModelSource,
+    device: str | torch.device = "cpu",
+    *,
+    merge: bool = False,
+    dtype: torch.dtype | None = None,
+    log=print,
 ) -> tuple[object, object, frozenset[int]]:
     """Resolve the base, load its tokenizer and the model (with the trained folder on top, merged into the
-    weights when `merge` and the method allows), on `device` in eval mode: (model, tokenizer, eos ids)."""
+    weights when `merge` and the method allows; float32 unless `dtype`), on `device` in eval mode:
+    (model, tokenizer, eos ids)."""
     path = resolve_model(source.model, log=log)
     tokenizer = load_tokenizer(path)
-    model = load_trained(path, source.trained, merge=merge) if source.trained else load_model(path)
+    if source.trained:
+        model = load_trained(path, source.trained, dtype=dtype, merge=merge)
+    else:
+        model = load_model(path, dtype=dtype)
     model = model.to(device).eval()
     return model, tokenizer, eos_ids(model, tokenizer)
