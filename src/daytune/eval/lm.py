@@ -183,7 +183,12 @@ class LocalLM(LM):
 
     @classmethod
     def load(
-        cls, model_ref: str, trained: str | None = None, batch_size: int = 8, device: str = "cpu", log=print
+        cls,
+        model_ref: str,
+        trained: str | os.PathLike | None = None,
+        batch_size: int = 8,
+        device: str = "cpu",
+        log=print,
     ) -> LocalLM:
         """A model reference, optionally with a run's trained artifact (a PEFT adapter or a full model folder)."""
         from pathlib import Path
