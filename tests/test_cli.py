@@ -97,3 +97,70 @@ def test_console_script_exit_code_and_help():
 def test_subcommand_help(cmd):
     out = subprocess.run([sys.executable, "-m", "daytune", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: daytune" in out.stdout
+
+
+def random_adapter(folder, base_model_dir):
+    """A (random) LoRA adapter for `base_model_dir`, saved in `folder`."""
+    from peft import LoraConfig, get_peft_model
+
+    from daytune.models import load_model
+
+    peft = get_peft_model(
+        load_model(base_model_dir),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    peft.save_pretrained(folder)
+    return folder
+
+
+def test_eval_with_base_writes_both_sides_and_their_comparison(capsys, tmp_path, tiny_model_dir):
+    adapter = random_adapter(tmp_path / "adapter", tiny_model_dir)
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--with-base", "--scenarios", "mmlu"]
+    code, text, err = run_cli(
+        capsys, "--quiet", "eval", *args, "--max-instances", "1", "--bootstrap", "20", "--out", str(out)
+    )
+    assert code == 0, err
+    for side in ("base", "tuned"):
+        res = json.loads((out / side / "results.json").read_text())
+        assert res["title"] == side and set(res["scenarios"]) == {"mmlu"}
+        assert f"## {side}: suite `quick`" in text and f"Results: {out / side / 'results.json'}" in text
+    rows = json.loads((out / "compare.json").read_text())
+    assert rows["a"] == "base" and rows["b"] == "tuned" and rows["rows"]
+    assert "## tuned vs base" in (out / "compare.md").read_text() and "## tuned vs base" in text
+    code, _, err = run_cli(capsys, "eval", *args, "--out", str(out))
+    assert code == 2 and "results are never overwritten" in err
+
+
+def test_serve_takes_a_wandb_model_reference(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """serve resolves --model wandb:ENTITY/PROJECT/NAME:VERSION as eval does: the artifact's base model, with its
+    adapter merged."""
+    import signal
+
+    import uvicorn
+
+    from daytune.track.backends import wandb as wandb_backend
+
+    adapter = random_adapter(tmp_path / "dl" / "adapter", tiny_model_dir)
+    seen = {}
+
+    def fake_download(ref, root):
+        seen["ref"] = ref
+        return adapter, {"base_model": str(tiny_model_dir), "content": "adapter"}
+
+    def fake_run(app, **kwargs):
+        seen["server"] = app.state.server
+        app.state.scheduler.close(5)
+
+    monkeypatch.setenv("DAYTUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(wandb_backend, "download_model", fake_download)
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the test process keeps its own handlers
+    code, out, err = run_cli(capsys, "--quiet", "serve", "--model", "wandb:team/daytune/run-adapter:v3")
+    assert code == 0, err
+    server = seen["server"]
+    assert seen["ref"] == "wandb:team/daytune/run-adapter:v3" and "Server stopped." in out
+    assert server.info()["model"] == str(tiny_model_dir) and server.info()["adapter"] == str(adapter)
+    assert server.info()["adapter_merged"] and not hasattr(server.model, "peft_config")
+    code, _, err = run_cli(capsys, "serve", "--model", "wandb:only-a-name")
+    assert code == 2 and "wandb:ENTITY/PROJECT/NAME:VERSION" in err

@@ -7,6 +7,7 @@ from test_train import new_run
 
 from daytune.config import load_run_config
 from daytune.errors import ConfigError
+from daytune.models.trained import load_base_for_training, load_trained
 from daytune.pipeline import train_run
 from daytune.train import methods
 from daytune.train.loop import find_resume_checkpoint
@@ -52,13 +53,13 @@ def test_method_trains_saves_and_reloads(method, extra, tiny_recipe, tiny_model_
 
     # the model as it was in memory at the end: base + method + the final checkpoint's trained weights
     quant = cfg.train if method == "qlora" else None
-    base = methods.load_base_for_training(tiny_model_dir, cfg.train, torch.float32, torch.device("cpu"))
+    base = load_base_for_training(tiny_model_dir, cfg.train, torch.float32, torch.device("cpu"))
     in_memory = methods.prepare_for_training(base, cfg.train, tiny_model_dir)
     weights = load_file(str(find_resume_checkpoint(run) / "weights.safetensors"))
     methods.load_trainable_state(in_memory, weights, "checkpoint")
     expected = logits_of(in_memory)
 
-    reloaded = methods.load_trained(tiny_model_dir, out, quantized=quant)
+    reloaded = load_trained(tiny_model_dir, out, quantized=quant)
     got = logits_of(reloaded)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
@@ -81,7 +82,7 @@ def test_targets_shorthands(tiny_model):
 def test_qlora_without_4bit_kernels_says_what_to_use(tiny_recipe, tiny_model_dir):
     cfg = load_run_config(tiny_recipe(train={"method": "qlora"}))
     with pytest.raises(ConfigError, match="use method: lora"):
-        methods.load_base_for_training(tiny_model_dir, cfg.train, torch.float32, torch.device("mps"))
+        load_base_for_training(tiny_model_dir, cfg.train, torch.float32, torch.device("mps"))
 
 
 def test_freeze_trains_only_the_top_blocks(tiny_recipe, tiny_model_dir):

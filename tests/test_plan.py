@@ -190,7 +190,8 @@ def test_activation_model_matches_what_autograd_saves(family, method, dtype, dro
 # ---- plans ------------------------------------------------------------------------------------------------------
 def test_daytune_plan_answers_for_every_registered_model_method_and_device(capsys):
     """`daytune plan ... --json` for all registry x methods x devices: a consistent, complete plan each time."""
-    from daytune.cli import _cmd_plan, _parser
+    from daytune.cli import _parser
+    from daytune.cli.plan import cmd_plan
     from daytune.progress import Reporter
 
     parser = _parser()  # built once: building it is most of a call's time
@@ -201,7 +202,7 @@ def test_daytune_plan_answers_for_every_registered_model_method_and_device(capsy
             for device in memory:
                 argv = ["plan", "--model", name, "--method", method, "--seq-len", "1024", "--micro-batch", "auto",
                         "--gpu", device, "--budget", "24h", "--precision", "bf16-true", "--json"]  # fmt: skip
-                assert _cmd_plan(parser.parse_args(argv), Reporter(quiet=True)) == 0, (name, method, device)
+                assert cmd_plan(parser.parse_args(argv), Reporter(quiet=True)) == 0, (name, method, device)
                 d = json.loads(capsys.readouterr().out)
                 where = (name, method, device)
                 m = d["memory"]

@@ -41,7 +41,7 @@ def test_submit_writes_a_docker_folder_without_base_weights(tmp_path, tiny_model
     assert main(["submit", str(run), "--out", str(out), "--base-model", "org/tiny-llama"]) == 0
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"Dockerfile", "requirements.txt", "entrypoint.sh", "fetch_weights.py", "submission.json"} <= files
-    assert "daytune/cli.py" in files and "adapter/adapter_config.json" in files
+    assert "daytune/cli/__init__.py" in files and "adapter/adapter_config.json" in files
     assert not any(f.endswith((".gguf", ".bin")) or f.startswith("weights/") for f in files)
     assert not any(f.endswith(".safetensors") and not f.startswith("adapter/") for f in files)
     docker = (out / "Dockerfile").read_text()

@@ -1,4 +1,5 @@
-"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder.
+"""`daytune run`: data -> train -> eval (base and tuned) in one command, everything written to one run folder;
+and every base-vs-tuned evaluation `daytune eval` runs (a suite, a recipe's eval section, lm-eval tasks).
 
 With `data.prepare` (a data recipe), the data stage builds the dataset into `<run>/data/` first, decontaminated
 also against the run's own eval files, and the run trains on it; config.yaml then records the prepared folder and
@@ -8,16 +9,18 @@ its fingerprint, so a resume trains on exactly the same rows.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
 from daytune.config import RunConfig, dump_yaml, load_run_config
 from daytune.errors import ConfigError, RunError
-from daytune.fileio import write_text_atomic
+from daytune.fileio import write_json_atomic, write_text_atomic
+from daytune.models import ModelSource
 from daytune.plan import write_run_plan
 from daytune.progress import Reporter
-from daytune.track import RunDir
+from daytune.track import RunDir, record_eval
 from daytune.train.loop import find_resume_checkpoint, fit, setup
 from daytune.train.state import TrainResult
 
@@ -160,16 +163,14 @@ def evaluate_pair(
     import torch
 
     from daytune.eval import evaluate
-    from daytune.models import load_model, load_tokenizer, resolve_model
-    from daytune.train.methods import load_trained
+    from daytune.models import ModelSource, load_for_inference, resolve_model
 
-    path = resolve_model(model_ref, log=reporter.log)
-    tokenizer = load_tokenizer(path)
+    base_dir = str(resolve_model(model_ref, log=reporter.log))  # once: the base and the tuned model share it
     results = {}
     with torch.no_grad():
         if trained is None or cfg.eval.base:
             reporter.log("Evaluating the base model...")
-            base = load_model(path)
+            base, tokenizer, _ = load_for_inference(ModelSource(base_dir), log=reporter.log)
             results["base"] = evaluate(base, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["base"]["suite"] = _suite(cfg, base, tokenizer, "base", suite_dir, reporter)
@@ -177,7 +178,7 @@ def evaluate_pair(
             gc.collect()
         if trained is not None:
             reporter.log("Evaluating the tuned model...")
-            tuned = load_trained(path, trained)
+            tuned, tokenizer, _ = load_for_inference(ModelSource(base_dir, trained), log=reporter.log)
             results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)
@@ -185,8 +186,6 @@ def evaluate_pair(
 
 
 def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
-    from daytune.track import record_eval
-
     results = evaluate_pair(cfg, cfg.model, run.trained, reporter, suite_dir=run.path / "eval")
     run.update_summary(eval=results)
     record_eval(run, cfg, results, None, cfg.model, run.trained)  # lineage; W&B/MLflow when configured
@@ -270,3 +269,122 @@ def run_recipe(
     reporter.print(f"\nRun folder: [bold]{run.path}[/bold]")
     reporter.print(f"Serve it:   daytune serve --run {run.path}")
     return run
+
+
+# -- `daytune eval`: a suite, a recipe's eval section, lm-eval tasks ------------------------------------------------
+
+
+@dataclass
+class SuiteRequest:
+    """What `daytune eval` scores: a suite (or some of its scenarios) on its data, with bootstrap CIs."""
+
+    suite: str = "quick"
+    scenarios: list[str] | None = None
+    max_instances: int | None = None
+    data_root: str | None = None
+    bootstrap: int = 1000
+    batch_size: int = 8  # requests per forward pass of a local model
+
+
+def evaluate_suite(
+    source: ModelSource | None,
+    req: SuiteRequest,
+    out: Path,
+    reporter: Reporter,
+    with_base: bool = False,
+    lm=None,
+) -> dict:
+    """One model on a suite -> out/results.{json,md}; or, `with_base` and a trained folder, the base model and
+    then the tuned one (one in memory at a time) -> out/base/, out/tuned/ and their comparison
+    out/compare.{json,md}. `lm`: a model to score instead of loading `source` (a server). A run's evaluation
+    joins its lineage (and W&B/MLflow when its recipe tracks them)."""
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.scenarios import DataRoot
+    from daytune.eval.suites import suite_data_root
+
+    if lm is None and not (with_base and source.trained):
+        lm = LocalLM.load(source.model, source.trained, req.batch_size, log=reporter.log)
+    DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
+    if lm is None:
+        results = _suite_pair(source, req, out, reporter)
+    else:
+        run = source is not None and source.run_dir is not None
+        results = {"tuned" if run else "model": _suite_one(lm, "model", req, out, reporter)}
+    if source is not None and source.run_dir is not None:
+        cfg = load_run_config(source.run_dir / "config.yaml")
+        record_eval(RunDir(source.run_dir), cfg, results, out, source.model, source.trained)
+    return results
+
+
+def _suite_one(lm, label: str, req: SuiteRequest, out: Path, reporter: Reporter) -> dict:
+    """Score `lm`; results go to out/ (label "model") or out/<label>/ (base, tuned), the table to the reporter."""
+    from daytune.eval.report import markdown_table, write_results
+    from daytune.eval.suites import run_suite
+
+    reporter.log(f"Evaluating {label} on suite '{req.suite}'...")
+    res = run_suite(
+        lm, req.suite, req.data_root, req.scenarios, req.max_instances, req.bootstrap, reporter.log
+    )
+    paired = label in ("base", "tuned")
+    res["title"] = label if paired else lm.name
+    j, m = write_results(res, out / label if paired else out)
+    reporter.print(markdown_table(res), markup=False)
+    reporter.print(f"Results: {j} and {m}")
+    return res
+
+
+def _suite_pair(source: ModelSource, req: SuiteRequest, out: Path, reporter: Reporter) -> dict:
+    """The base model first, then the trained one (one in memory at a time), then tuned vs base."""
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.report import compare, compare_markdown
+
+    load = LocalLM.load
+    base = _suite_one(load(source.model, None, req.batch_size, log=reporter.log), "base", req, out, reporter)
+    tuned_lm = load(source.model, source.trained, req.batch_size, log=reporter.log)
+    tuned = _suite_one(tuned_lm, "tuned", req, out, reporter)
+    rows = compare(base, tuned, iters=req.bootstrap)
+    text = compare_markdown(rows, "base", "tuned")
+    write_json_atomic(out / "compare.json", {"a": "base", "b": "tuned", "rows": rows})
+    write_text_atomic(out / "compare.md", text)
+    reporter.print(text, markup=False)
+    return {"base": base, "tuned": tuned}
+
+
+def evaluate_recipe(cfg: RunConfig, source: ModelSource, out: Path, reporter: Reporter) -> dict:
+    """The recipe's eval section (held-out loss, multiple-choice accuracy), base vs tuned, as `daytune run`
+    reports it besides the suite -> `out` (a JSON file); a run's evaluation joins its lineage."""
+    if not (cfg.eval.heldout or cfg.eval.multiple_choice):
+        raise ConfigError(
+            "nothing to evaluate: set eval.heldout and/or eval.multiple_choice (--recipe or --set)"
+        )
+    results = evaluate_pair(cfg, source.model, source.trained, reporter)
+    trained = str(source.trained) if source.trained else None
+    write_json_atomic(out, {"model": source.model, "trained": trained, "results": results})
+    if source.run_dir is not None:  # lineage; W&B/MLflow when configured
+        record_eval(RunDir(source.run_dir), cfg, results, out, source.model, source.trained)
+    return results
+
+
+def evaluate_harness(
+    source: ModelSource,
+    tasks: list[str],
+    out: Path,
+    reporter: Reporter,
+    data_root: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """lm-evaluation-harness tasks, offline, on a local model -> out/harness.json; returns each task's metrics."""
+    from daytune.eval.harness import harness_summary, run_harness
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.scenarios import DataRoot, default_data_root
+
+    lm = LocalLM.load(source.model, source.trained, batch_size, log=reporter.log)
+    data = DataRoot(Path(data_root).expanduser() if data_root else default_data_root())
+    res = run_harness(lm, tasks, data, out / "tasks", limit=limit, num_fewshot=num_fewshot)
+    summary = harness_summary(res)
+    write_json_atomic(
+        out / "harness.json", {"model": lm.info(), "tasks": tasks, "limit": limit, "results": summary}
+    )
+    return summary

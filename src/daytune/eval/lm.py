@@ -173,10 +173,9 @@ class LocalLM(LM):
         self.batch_size = batch_size
         cfg_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
         self.max_length = int(max_length or min(cfg_len, 2048))
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            self.eos_ids.add(tokenizer.eos_token_id)
+        from daytune.models.trained import eos_ids
+
+        self.eos_ids = set(eos_ids(model, tokenizer))
         self.usage = Usage()
         # next-token log-probabilities at the end of the prompts of the last `generate` call: a one-token
         # continuation of such a prompt (a multiple-choice letter) is scored from them without another pass
@@ -184,23 +183,22 @@ class LocalLM(LM):
 
     @classmethod
     def load(
-        cls, model_ref: str, trained: str | None = None, batch_size: int = 8, device: str = "cpu", log=print
+        cls,
+        model_ref: str,
+        trained: str | os.PathLike | None = None,
+        batch_size: int = 8,
+        device: str = "cpu",
+        log=print,
     ) -> LocalLM:
         """A model reference, optionally with a run's trained artifact (a PEFT adapter or a full model folder)."""
         from pathlib import Path
 
-        from daytune.models import load_model, load_tokenizer, resolve_model
+        from daytune.models import ModelSource, load_for_inference
 
-        path = resolve_model(model_ref, log=log)
-        tokenizer = load_tokenizer(path)
-        if trained:
-            from daytune.train.methods import load_trained
-
-            model = load_trained(path, Path(trained))
-        else:
-            model = load_model(path)
+        source = ModelSource(model_ref, Path(trained) if trained else None)
+        model, tokenizer, _ = load_for_inference(source, device, log=log)
         name = str(model_ref) + (f" + {trained}" if trained else "")
-        return cls(model.to(device).eval(), tokenizer, name=name, batch_size=batch_size)
+        return cls(model, tokenizer, name=name, batch_size=batch_size)
 
     @property
     def prefix_token_id(self) -> int:

@@ -1,5 +1,6 @@
 """Results files and tables: results.json (machine-readable, per-instance records included), a markdown table,
-and the comparison of two results files with per-scenario deltas, paired-bootstrap CIs and significance."""
+the comparison of two results files with per-scenario deltas, paired-bootstrap CIs and significance, and the
+lm-eval harness tasks' table."""
 
 from __future__ import annotations
 
@@ -141,3 +142,12 @@ def compare_markdown(rows: list[dict], a_name: str, b_name: str) -> str:
             f"| {ci} | {p} | {r['n']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def harness_markdown(summary: dict) -> str:
+    """lm-eval tasks' metrics (`harness_summary`): one row per (task, metric)."""
+    lines = ["| task | metric | value |", "|---|---|---:|"]
+    for task, metrics in summary.items():
+        for k, v in metrics.items():
+            lines.append(f"| {task} | {k} | {v:.4f} |")
+    return "\n".join(lines)

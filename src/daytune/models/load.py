@@ -26,6 +26,17 @@ def daytune_home() -> Path:
     return Path(os.environ.get("DAYTUNE_HOME", Path.home() / ".cache" / "daytune")).expanduser()
 
 
+def is_hub_id(ref: str) -> bool:
+    """`org/name`: the form of a Hugging Face hub id (a relative path can have it too)."""
+    return bool(_HUB_ID.match(ref))
+
+
+def cached_models() -> tuple[Path, list[str]]:
+    """The cache of converted models ($DAYTUNE_HOME/models) and what it holds."""
+    cache = daytune_home() / "models"
+    return cache, sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+
+
 def resolve_model(ref: str, *, log=print) -> Path:
     """Return a local folder with config.json, tokenizer files and safetensors weights for `ref`."""
     ref = str(ref).strip()
@@ -56,6 +67,17 @@ def resolve_model(ref: str, *, log=print) -> Path:
         f"unknown model reference '{ref}': not a registered name ({names}), an existing folder or .gguf file, "
         "or a hub id of the form org/name"
     )
+
+
+def local_tokenizer_dir(ref: str) -> Path | None:
+    """The model's own tokenizer folder when it is on this machine (a folder, or a registered model, resolved);
+    None for anything else: the planner then measures data without it."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return path
+    if loadable_model(ref) is not None:
+        return resolve_model(ref, log=lambda *a: None)
+    return None
 
 
 def _from_hub(hub_id: str) -> Path:

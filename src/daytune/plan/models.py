@@ -67,7 +67,3 @@ def _arch_from_file(path: Path, name: str) -> Arch:
 def _same_shape(a: Arch, b: Arch) -> bool:
     fields = ("family", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "tied")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
-
-
-# cli.py's `daytune plan --list` reads this view until it prints daytune.models.list_models(); remove it then.
-REGISTRY = {name: m.arch for name, m in MODELS.items()}

@@ -24,10 +24,9 @@ from pathlib import Path
 
 from daytune.engine import Sampling
 from daytune.errors import DaytuneError, ModelError
-from daytune.models import load_model, load_tokenizer, resolve_model
+from daytune.models import ModelSource, load_for_inference
 from daytune.serve.scheduler import Sequence, seeded
 from daytune.serve.schemas import Completion, ProcessRequest, Token
-from daytune.train.methods import load_trained
 
 STREAM_CONTEXT = (
     4  # prompt tokens decoded before the first generated one (SentencePiece drops a leading space)
@@ -133,26 +132,19 @@ class ServeModel:
         self.model_ref = model_ref
         self.adapter = str(adapter) if adapter else None
         self.run_id = run_id
-        path = resolve_model(model_ref, log=log)
         self.device = pick_device(device or "auto")
-        self.tokenizer = load_tokenizer(path)
         # an adapter is merged into the weights where its method allows: no adapter cost per token
-        model = load_trained(path, Path(self.adapter), merge=True) if self.adapter else load_model(path)
-        if hasattr(
-            model, "peft_config"
-        ):  # still a PeftModel: the method adds virtual tokens or attention paths
+        source = ModelSource(model_ref, Path(self.adapter) if self.adapter else None)
+        loaded = load_for_inference(source, self.device, merge=True, log=log)
+        self.model, self.tokenizer, self.eos_ids = loaded
+        # still a PeftModel: the method adds virtual tokens or attention paths
+        if hasattr(self.model, "peft_config"):
             raise ModelError(
                 f"{self.adapter}: this adapter's method (prefix, prompt, ptuning or adapter) cannot be merged into "
                 "the weights, and the batched server decodes plain models only; serve a lora, dora, qlora, ia3, "
                 "full or freeze run"
             )
-        self.model = model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        self.eos_ids = frozenset(eos_ids)
         self.vocab = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.tok_lock = threading.Lock()  # HF fast tokenizers must not be used from two threads at once

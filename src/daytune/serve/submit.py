@@ -55,7 +55,7 @@ def pinned_requirements(root: str = "daytune") -> list[str]:
 
 def _fetchable(ref: str) -> dict:
     """How the image gets the base model at build time: a registered name (daytune resolves it) or a hub id."""
-    from daytune.models.load import _HUB_ID
+    from daytune.models.load import is_hub_id
     from daytune.models.registry import loadable_model
 
     known = loadable_model(ref)
@@ -68,7 +68,7 @@ def _fetchable(ref: str) -> dict:
             except metadata.PackageNotFoundError:
                 extra.append(dist)
         return {"model": ref, "source": "registered", "packages_no_deps": extra}
-    if _HUB_ID.match(ref) and not Path(ref).expanduser().exists():
+    if is_hub_id(ref) and not Path(ref).expanduser().exists():
         return {"model": ref, "source": "hub", "packages_no_deps": []}
     raise ModelError(
         f"base model '{ref}' is a local path: the image must fetch its weights at build time, so pass "
@@ -168,28 +168,24 @@ def write_submission(
     """Write the folder `out` (which must not exist, or be empty) for the run in `run_dir`; return its path."""
     import torch
 
-    from daytune.config import load_run_config
-    from daytune.track import RunDir
+    from daytune.track.runs import model_source
 
-    run = RunDir.open(run_dir)
-    adapter = run.adapter
+    source = model_source(run_dir)
+    run_path, run_id, adapter = source.run_dir, source.run_id, source.trained
     if not (adapter / "adapter_config.json").is_file():
-        if (run.path / "model" / "config.json").is_file():
+        if (adapter / "config.json").is_file():
             raise RunError(
-                f"{run.path}: this run trained the whole model (model/); the submission folder carries only an "
+                f"{run_path}: this run trained the whole model (model/); the submission folder carries only an "
                 "adapter and fetches base weights at build time: upload model/ to the hub (huggingface-cli upload) "
                 "and serve it with --base-model ORG/NAME from a LoRA run, or use `daytune serve --run` directly"
             )
-        raise RunError(f"{run.path}: no adapter/ yet (the run has not saved a model)")
-    cfg = load_run_config(run.path / "config.yaml")
-    spec = _fetchable(base_model or cfg.model)
+        raise RunError(f"{run_path}: no adapter/ yet (the run has not saved a model)")
+    spec = _fetchable(base_model or source.model)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: already exists and is not empty; nothing was overwritten")
-    if not re.fullmatch(r"[\w.\-]+", run.run_id) or not re.fullmatch(r"[\w.\-/]+", spec["model"]):
-        raise ConfigError(
-            f"run id '{run.run_id}' or model '{spec['model']}' has characters a shell would mangle"
-        )
+    if not re.fullmatch(r"[\w.\-]+", run_id) or not re.fullmatch(r"[\w.\-/]+", spec["model"]):
+        raise ConfigError(f"run id '{run_id}' or model '{spec['model']}' has characters a shell would mangle")
     torch_version = torch.__version__.split("+")[0]
     weights = [p for p in adapter.iterdir() if p.is_file()]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +202,7 @@ def write_submission(
         no_deps = spec["packages_no_deps"]
         files = {
             "Dockerfile": DOCKERFILE.format(
-                run_id=run.run_id,
+                run_id=run_id,
                 model=spec["model"],
                 torch=torch_version,
                 torch_index=TORCH_INDEX,
@@ -218,10 +214,10 @@ def write_submission(
             + "\n".join(pinned_requirements())
             + "\n",
             "fetch_weights.py": FETCH,
-            "entrypoint.sh": ENTRYPOINT.format(model=spec["model"], run_id=run.run_id),
+            "entrypoint.sh": ENTRYPOINT.format(model=spec["model"], run_id=run_id),
             "pyproject.toml": PYPROJECT.format(version=daytune.__version__),
             "README.md": README.format(
-                run_id=run.run_id,
+                run_id=run_id,
                 date=time.strftime("%Y-%m-%d"),
                 model=spec["model"],
                 source="a registered daytune model" if spec["source"] == "registered" else "from the hub",
@@ -238,7 +234,7 @@ def write_submission(
         (tmp / "submission.json").write_text(
             json.dumps(
                 {
-                    "run_id": run.run_id,
+                    "run_id": run_id,
                     "model": spec["model"],
                     "model_source": spec["source"],
                     "adapter": {p.name: sha256_file(p) for p in weights},

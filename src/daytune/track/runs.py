@@ -1,5 +1,6 @@
-"""Finding runs: by folder path or by id (the folder's name, or a unique part of it) under the runs root, and the
-one-line facts `daytune runs list` shows for each."""
+"""Finding runs: by folder path or by id (the folder's name, or a unique part of it) under the runs root; the model
+a run (or a W&B artifact) gives eval, serve, export and submit; the one-line facts `daytune runs list` shows for
+each run, and what `daytune runs show` prints for one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 
 import yaml
 
+from daytune.config import load_run_config
 from daytune.errors import RunError
+from daytune.models.trained import ModelSource
 from daytune.track.runstore import RunDir
 from daytune.units import format_duration
 
@@ -52,6 +55,30 @@ def resolve_run(ref: str | Path, root: str | Path | None = None) -> RunDir:
         f"no run '{ref}': not a run folder, and no run id under {base} contains it "
         f"(see `daytune runs list`, or pass --runs-dir / set ${RUNS_ENV})"
     )
+
+
+def model_source(
+    run: str | Path | None = None,
+    model: str | None = None,
+    adapter: str | Path | None = None,
+    *,
+    runs_dir: str | Path | None = None,
+    log=print,
+) -> ModelSource:
+    """What a command loads: --run RUN_DIR|run-id (the run's model and its adapter/ or model/), --model
+    wandb:ENTITY/PROJECT/NAME:VERSION (the artifact's base model and adapter, pulled from W&B), or
+    --model REF [--adapter DIR]. It lives here, not in models/, because runs and W&B artifacts are track's."""
+    if run is not None:
+        found = resolve_run(run, runs_dir)
+        return ModelSource.of_run(
+            found.path, load_run_config(found.path / "config.yaml").model, found.trained
+        )
+    if model.startswith("wandb:"):
+        from daytune.track.artifacts import pull_wandb_model
+
+        base, trained = pull_wandb_model(model, log)
+        return ModelSource(base, trained)
+    return ModelSource.of_model(model, adapter)
 
 
 def run_facts(run: RunDir) -> dict[str, Any]:
@@ -125,3 +152,95 @@ def eval_headline(results: dict[str, Any] | None) -> str:
             text += f" ({value - ref:+.3f})"
         parts.append(text)
     return "  ".join(parts) or "-"
+
+
+RUNS_COLUMNS = [
+    "id",
+    "model",
+    "method",
+    "data",
+    "time / budget",
+    "steps",
+    "final loss",
+    "eval (tuned, Δ base)",
+]
+
+
+def _runs_rows(facts: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for f in facts:
+        loss = "-" if f["final_loss"] is None else f"{f['final_loss']:.4f}"
+        model = (
+            Path(str(f["model"])).name if "/" in str(f["model"]) else str(f["model"])
+        )  # a folder: its name
+        rows.append(
+            [f["id"], model, f["method"], f["data"] or "-", f["duration"], f["steps"], loss, f["eval"]]
+        )
+    return [["-" if v is None else str(v) for v in row] for row in rows]
+
+
+def runs_text(facts: list[dict[str, Any]]) -> str:
+    """`runs list` piped: plain aligned columns, never cut to a terminal width."""
+    rows = [RUNS_COLUMNS, *_runs_rows(facts)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(RUNS_COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def runs_table(facts: list[dict[str, Any]], root: Path):
+    """`runs list` on a terminal: a rich table."""
+    from rich.table import Table
+
+    table = Table(title=f"runs in {root}")
+    for col in RUNS_COLUMNS:
+        right = col in ("steps", "final loss")
+        table.add_column(col, justify="right" if right else "left", no_wrap=col != RUNS_COLUMNS[-1])
+    for row in _runs_rows(facts):
+        table.add_row(*row)
+    return table
+
+
+def run_card(run: RunDir) -> str:
+    """`runs show`: config, environment, results and lineage of one run, as rich markup."""
+    from rich.markup import escape
+
+    f = run_facts(run)
+    summary, lineage = run.read_summary(), run.read_json("lineage.json")
+    env, tracking = run.read_json("env.json"), run.read_json("tracking.json")
+    train = summary.get("train", {})
+    lines = [
+        f"[bold]{escape(f['id'])}[/bold]  ({f['status']})",
+        f"  folder     {run.path}",
+        f"  model      {f['model']}  method {f['method']}",
+        f"  data       {((lineage.get('dataset') or {}).get('train') or {}).get('path', '-')}  sha256 {f['data'] or '-'}",
+        f"  time       {f['duration']}  steps {f['steps']}  stopped by {train.get('stopped_by', '-')}",
+        f"  loss       final {f['final_loss']}  best val {train.get('best_val_loss')}",
+        f"  speed      {train.get('tokens_per_s', '-')} tokens/s  padding {train.get('padding_waste', '-')}",
+        f"  eval       {f['eval']}",
+        f"  device     {env.get('device_name', '-')}  torch {env.get('torch', '-')}  cuda {env.get('cuda')}",
+        f"  MFU peak   {tracking.get('peak_source', '-')}",
+    ]
+    command_file = run.path / "command.txt"
+    command = command_file.read_text(encoding="utf-8").splitlines() if command_file.is_file() else []
+    if command:
+        lines.append(f"  command    {command[0]}")
+    for name, ref in tracking.get("backends", {}).items():
+        where = ref.get("url") or ref.get("dir") or ref.get("tracking_uri") or ""
+        lines.append(f"  {name:<10} {'FAILED: ' + ref['error'] if ref.get('error') else where}")
+    for out in lineage.get("outputs", []):
+        refs = ", ".join(f"{k}: {v}" for k, v in (out.get("artifacts") or {}).items())
+        lines.append(
+            f"  output     {out['path']}/ (step {out.get('step')})" + (f"  [{refs}]" if refs else "")
+        )
+    kept = [c for c in lineage.get("checkpoints", []) if (run.path / c["path"]).is_dir()]
+    lines.append(f"  checkpoints {len(lineage.get('checkpoints', []))} saved, {len(kept)} kept")
+    for ev in lineage.get("evaluations", []):
+        lines.append(f"  evaluated  {ev['time']} -> {ev['results']}")
+    return lines[0] + "\n" + escape("\n".join(lines[1:]))  # paths and commands hold [brackets]
+
+
+def run_findings(run: RunDir) -> list:
+    """The doctor's findings for a run: those it saved (doctor.json), else diagnosed now."""
+    from daytune.track.doctor import Finding, diagnose
+
+    doctor = run.read_json("doctor.json")
+    return [Finding(**x) for x in doctor.get("findings", [])] if doctor else diagnose(run)

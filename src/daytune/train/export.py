@@ -15,9 +15,9 @@ import torch
 from daytune.config import load_run_config
 from daytune.errors import ConfigError, RunError
 from daytune.fileio import replace_dir_atomic, temp_dir_beside
-from daytune.models import load_tokenizer, resolve_model
-from daytune.track import RunDir
-from daytune.train.methods import MERGEABLE, load_trained
+from daytune.models import load_for_inference, load_tokenizer
+from daytune.models.trained import MERGEABLE
+from daytune.track.runs import model_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def export_run(
     run_dir: str | Path, out: str | Path, merge: bool = False, dtype: str = "float32", log=print
 ) -> Path:
-    run = RunDir.open(run_dir)
+    source = model_source(run_dir)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunError(
@@ -33,12 +33,9 @@ def export_run(
         )
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    cfg = load_run_config(run.path / "config.yaml")
-    trained = run.trained
-    if not trained.is_dir():
-        raise RunError(f"{run.path}: no adapter/ or model/ (the run has not saved a model yet)")
+    cfg = load_run_config(source.run_dir / "config.yaml")
+    trained = source.trained
     is_adapter = (trained / "adapter_config.json").is_file()
-    base = resolve_model(cfg.model, log=log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
     try:
@@ -50,11 +47,11 @@ def export_run(
                     f"--merge: method {cfg.train.method} adds virtual tokens or attention paths and cannot be folded "
                     "into the weights; export without --merge (a PEFT adapter) instead"
                 )
-            model = load_trained(base, trained, dtype=DTYPES[dtype], merge=True)
+            model, tokenizer, _ = load_for_inference(source, merge=True, dtype=DTYPES[dtype], log=log)
             model.save_pretrained(tmp, safe_serialization=True)
-            load_tokenizer(
-                trained if (trained / "tokenizer_config.json").is_file() else base
-            ).save_pretrained(tmp)
+            if (trained / "tokenizer_config.json").is_file():  # the run saved its tokenizer: that one
+                tokenizer = load_tokenizer(trained)
+            tokenizer.save_pretrained(tmp)
         replace_dir_atomic(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

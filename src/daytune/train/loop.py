@@ -40,6 +40,7 @@ from daytune.engine import response_loss
 from daytune.errors import DataError, RunError
 from daytune.hardware import autocast_kind, param_dtype, pick_device, resolve_precision
 from daytune.models import load_tokenizer, resolve_model
+from daytune.models.trained import load_base_for_training
 from daytune.progress import Reporter, budget_info
 from daytune.track import RunDir, Tracker, peak_rss_mb
 from daytune.track.doctor import format_findings
@@ -128,7 +129,7 @@ def setup(
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
     examples, val_examples, stats, data_info = load_examples(cfg, tokenizer)
-    model = methods.load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
+    model = load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())

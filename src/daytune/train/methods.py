@@ -24,7 +24,6 @@ from daytune.errors import ConfigError, ModelError
 from daytune.fileio import replace_dir_atomic, temp_dir_beside
 
 PEFT_METHODS = ("lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "ia3")
-MERGEABLE = ("lora", "dora", "qlora", "ia3")  # adapters that fold into the weights
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -52,48 +51,6 @@ def resolve_targets(model, targets, field: str):
     if missing:
         raise ConfigError(f"{field}: {missing} not found in this model; its linear layers are {available}")
     return list(targets)
-
-
-def _bnb_4bit(tc: TrainConfig, compute_dtype: torch.dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise ConfigError(
-            "train.method qlora needs bitsandbytes: pip install 'daytune[quant]' (or use method: lora)"
-        ) from None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=tc.quant.quant_type,
-        bnb_4bit_use_double_quant=tc.quant.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def load_base_for_training(model_dir: Path, tc: TrainConfig, dtype: torch.dtype, device: torch.device):
-    """The base model, quantized to 4 bits for qlora."""
-    from transformers import AutoModelForCausalLM
-
-    if tc.method != "qlora":
-        from daytune.models import load_model
-
-        return load_model(model_dir, dtype=dtype)
-    if device.type not in ("cuda", "cpu", "xpu"):
-        raise ConfigError(
-            f"train.method qlora: bitsandbytes has no 4-bit kernels for {device.type}; use method: lora"
-        )
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            quantization_config=_bnb_4bit(tc, dtype),
-            dtype=dtype,
-            device_map={"": str(device) if device.type != "cuda" else device.index or 0},
-        )
-    except (RuntimeError, NotImplementedError, ValueError) as e:
-        raise ConfigError(
-            f"train.method qlora: 4-bit loading failed on {device} ({type(e).__name__}: {str(e)[:200]}); "
-            "this device probably lacks bitsandbytes 4-bit kernels: use method: lora (precision bf16-true if fast)"
-        ) from None
 
 
 def _peft_config(model, tc: TrainConfig, tokenizer_dir: Path):
@@ -243,32 +200,3 @@ def save_final(model, tokenizer, method: str, folder: Path, state_dict: dict | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def load_trained(
-    base_dir: Path, artifact: Path, *, dtype=None, merge: bool = False, quantized: TrainConfig | None = None
-):
-    """A run's trained model for inference: base + adapter (merged when asked and possible), or a full model.
-    `quantized` (a qlora run's train config) loads the base in 4 bits, exactly as it was trained."""
-    from daytune.models import load_model
-
-    if (artifact / "adapter_config.json").is_file():
-        from peft import PeftConfig, PeftModel
-
-        if quantized is not None and not merge:
-            model = load_base_for_training(base_dir, quantized, dtype or torch.float32, torch.device("cpu"))
-        else:
-            model = load_model(base_dir, dtype=dtype)
-        try:
-            peft_model = PeftModel.from_pretrained(model, str(artifact))
-        except Exception as e:
-            raise ModelError(f"cannot load adapter from {artifact}: {type(e).__name__}: {e}") from None
-        peft_type = str(PeftConfig.from_pretrained(str(artifact)).peft_type).split(".")[-1].lower()
-        if merge and peft_type in ("lora", "ia3"):
-            return peft_model.merge_and_unload()
-        return peft_model
-    if (artifact / "config.json").is_file():
-        return load_model(artifact, dtype=dtype)
-    raise ModelError(
-        f"{artifact}: neither a PEFT adapter (adapter_config.json) nor a model folder (config.json)"
-    )

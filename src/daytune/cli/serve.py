@@ -1,0 +1,149 @@
+"""`daytune serve` (the competition API), `daytune submit` (a Dockerfile folder) and `daytune export` (a plain
+transformers or PEFT folder)."""
+
+from __future__ import annotations
+
+from daytune.errors import DaytuneError
+
+LIMITS = (  # (option, type, help); defaults from ServeOptions
+    ("max_batch", int, "sequences decoded together; 1 = one at a time"),
+    ("max_queue", int, "waiting sequences before answering 503"),
+    ("max_prefill_tokens", int, "padded prompt tokens per prefill step"),
+    ("max_new_tokens", int, "cap on max_new_tokens"),
+    ("request_timeout", float, "seconds before a request gets HTTP 504"),
+    ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM"),
+)
+
+
+def add_serve_parser(sub) -> None:
+    from daytune.serve.options import TOKEN_ENV, ServeOptions
+
+    d = ServeOptions()
+    sp = sub.add_parser(
+        "serve",
+        help="serve a model through the competition HTTP API",
+        description="Serve a model (adapter merged at load) through the NeurIPS LLM Efficiency Challenge API: "
+        "POST /process, /tokenize, /decode and GET /health. Concurrent requests are batched.",
+    )
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder or run id: serve its model with its adapter merged")
+    src.add_argument("--model", help="model reference: smollm2-135m, a HF folder, a .gguf file or a hub id")
+    sp.add_argument("--adapter", help="a PEFT adapter folder (with --model); merged at load")
+    sp.add_argument("--run-id", help="the run id /health reports (with --model; --run sets it itself)")
+    sp.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    sp.add_argument(
+        "--token",
+        help=f"require 'Authorization: Bearer TOKEN' on every endpoint but /health (or set ${TOKEN_ENV})",
+    )
+    for name, kind, text in LIMITS:
+        default = getattr(d, name)
+        sp.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{text} ({default})")
+
+
+def add_submit_parser(sub) -> None:
+    sp = sub.add_parser(
+        "submit",
+        help="write a competition submission folder (Dockerfile serving on port 80) for a run",
+        description="Write a self-contained submission folder for a run: a Dockerfile that installs pinned "
+        "requirements, fetches the base model's weights at build time and runs `daytune serve` on port 80.",
+    )
+    sp.add_argument("run", help="the run folder (runs/<run-id>)")
+    sp.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    sp.add_argument(
+        "--base-model",
+        help="where the image fetches the base model: a registered name or a hub id (default: the run's model)",
+    )
+
+
+def add_export_parser(sub) -> None:
+    sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
+    sp.add_argument("run", help="a run folder")
+    sp.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    sp.add_argument(
+        "--merge", action="store_true", help="fold the adapter into the base: a full HF model folder"
+    )
+    sp.add_argument(
+        "--dtype", default="float32", help="weights dtype of a merged model: float32, bfloat16, float16"
+    )
+
+
+def _options(args):
+    """The server's limits from the flags, each checked."""
+    from daytune.serve.options import ServeOptions
+
+    for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_new_tokens", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise DaytuneError(
+                f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}"
+            )
+    if args.request_timeout <= 0:
+        raise DaytuneError(f"--request-timeout: must be positive, got {args.request_timeout}")
+    if args.threads is not None and args.threads < 1:
+        raise DaytuneError(f"--threads: must be at least 1, got {args.threads}")
+    return ServeOptions(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_new_tokens=args.max_new_tokens,
+        request_timeout=args.request_timeout,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def cmd_serve(args, reporter) -> int:
+    import signal
+
+    import uvicorn
+
+    from daytune.serve.app import create_app
+    from daytune.serve.model import ServeModel
+    from daytune.track.runs import model_source
+
+    options = _options(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    source = model_source(args.run, args.model, args.adapter, log=reporter.log)
+    run_id = source.run_id or args.run_id
+    server = ServeModel(source.model, source.trained, device=args.device, run_id=run_id, log=reporter.log)
+    auth = "bearer token required" if options.token else "no token"
+    reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port} ({auth})")
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found: make that
+    # a no-op, so a graceful stop ends with exit code 0 rather than a kill by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(
+        create_app(server, options),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=options.shutdown_grace,
+    )
+    reporter.print("Server stopped.")
+    return 0
+
+
+def cmd_submit(args, reporter) -> int:
+    from daytune.serve.submit import write_submission
+
+    out = write_submission(args.run, args.out, base_model=args.base_model, log=reporter.log)
+    reporter.print(
+        f"Submission folder: {out}\n  docker build -t my-submission {out} && docker run -p 8080:80 my-submission"
+    )
+    return 0
+
+
+def cmd_export(args, reporter) -> int:
+    from daytune.train.export import export_run
+
+    out = export_run(args.run, args.out, merge=args.merge, dtype=args.dtype, log=reporter.log)
+    kind = "merged model" if args.merge or not (out / "adapter_config.json").is_file() else "PEFT adapter"
+    reporter.print(f"Exported {kind} to {out}")
+    return 0
