@@ -3,9 +3,10 @@
 import torch
 import torch.nn.functional as F
 
-from daytune import engine
 from daytune.data.batching import collate
 from daytune.data.tokenize import Example
+from daytune.engine import decode, score
+from daytune.engine import loss as engine_loss
 
 
 def full_logprobs(model, ids):
@@ -28,14 +29,14 @@ def test_response_loss_matches_full_logits(tiny_model, monkeypatch):
             ignore_index=-100,
             reduction="sum",
         )
-        loss, n = engine.response_loss(model, batch)
+        loss, n = engine_loss.response_loss(model, batch)
     assert n == sum(len(e.input_ids) - 3 for e in exs)
     assert torch.allclose(loss, ref, atol=1e-4)
     monkeypatch.setattr(
-        engine, "CHUNK", 4
+        engine_loss, "CHUNK", 4
     )  # the chunked, checkpointed path gives the same value and gradient
     with torch.no_grad():
-        chunked, _ = engine.response_loss(model, batch)
+        chunked, _ = engine_loss.response_loss(model, batch)
     assert torch.allclose(chunked, ref, atol=1e-4)
 
 
@@ -46,9 +47,9 @@ def test_chunked_loss_gradients_match(tiny_model, monkeypatch):
     w = model.get_output_embeddings().weight
     grads = []
     for chunk in (10_000, 5):
-        monkeypatch.setattr(engine, "CHUNK", chunk)
+        monkeypatch.setattr(engine_loss, "CHUNK", chunk)
         model.zero_grad()
-        loss, _ = engine.response_loss(model, batch)
+        loss, _ = engine_loss.response_loss(model, batch)
         loss.backward()
         grads.append(w.grad.clone())
     model.zero_grad()
@@ -59,7 +60,7 @@ def test_token_logprobs_match_log_softmax(tiny_model):
     model, _ = tiny_model
     ids = [5, 77, 123, 9, 300, 41, 8]
     ref = full_logprobs(model, ids)
-    got = engine.token_logprobs(model, ids, top_k=3)
+    got = score.token_logprobs(model, ids, top_k=3)
     assert len(got) == len(ids) - 1
     for i, (lp, top) in enumerate(got):
         assert abs(lp - ref[i, ids[i + 1]].item()) < 1e-5
@@ -71,7 +72,7 @@ def test_token_logprobs_match_log_softmax(tiny_model):
 def test_loglikelihood_matches_manual_sum(tiny_model):
     model, _ = tiny_model
     reqs = [([5, 6, 7], [8]), ([5, 6, 7], [9]), ([10, 11], [12, 13, 14]), ([4], [15, 16])]
-    got = engine.loglikelihood(model, reqs, batch_size=2, pad_id=2)
+    got = score.loglikelihood(model, reqs, batch_size=2, pad_id=2)
     for (ctx, cont), value in zip(reqs, got):
         lp = full_logprobs(model, ctx + cont)
         ref = sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
@@ -81,7 +82,7 @@ def test_loglikelihood_matches_manual_sum(tiny_model):
 def test_greedy_generation_matches_transformers(tiny_model):
     model, _ = tiny_model
     prompt = [5, 77, 123, 9]
-    ours = engine.generate(model, prompt, max_new_tokens=8, temperature=1e-7)
+    ours = decode.generate(model, prompt, max_new_tokens=8, temperature=1e-7)
     ref = model.generate(
         torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
     )
@@ -93,14 +94,14 @@ def test_greedy_generation_matches_transformers(tiny_model):
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model):
     model, _ = tiny_model
-    a = engine.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
-    b = engine.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
-    c = engine.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=4)
+    a = decode.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    b = decode.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    c = decode.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=4)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
 
 
 def test_generation_stops_on_eos(tiny_model):
     model, _ = tiny_model
-    first = engine.generate(model, [5, 6], max_new_tokens=5, temperature=0).token_ids[0]
-    out = engine.generate(model, [5, 6], max_new_tokens=5, temperature=0, eos_ids={first})
+    first = decode.generate(model, [5, 6], max_new_tokens=5, temperature=0).token_ids[0]
+    out = decode.generate(model, [5, 6], max_new_tokens=5, temperature=0, eos_ids={first})
     assert out.token_ids == [] and out.finish_reason == "eos"

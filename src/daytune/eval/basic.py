@@ -11,7 +11,8 @@ import torch
 from daytune.config import DataConfig, EvalConfig
 from daytune.data import encode_records, read_instructions, read_multiple_choice
 from daytune.data.batching import collate
-from daytune.engine import loglikelihood, response_loss
+from daytune.engine.loss import response_loss
+from daytune.engine.score import loglikelihood
 
 LETTERS = "ABCDEFGHIJ"
 

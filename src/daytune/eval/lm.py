@@ -1,6 +1,6 @@
 """One language-model interface for every scenario, with two backends.
 
-- `LocalLM`: a model (and optional adapter) in this process, through the shared forward passes in `engine.py`
+- `LocalLM`: a model (and optional adapter) in this process, through the shared forward passes in `daytune.engine`
   (length-sorted batches, few-shot prefixes reused through the KV cache).
 - `HttpLM`: a running submission server, spoken to exactly as HELM's `HTTPModelClient` does (`POST /process`,
   `/tokenize`, `/decode`), so the same suite scores what the competition would score.
@@ -225,7 +225,7 @@ class LocalLM(LM):
         return ctx, cont
 
     def loglikelihood_ids(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        from daytune.engine import loglikelihood_detailed
+        from daytune.engine.score import loglikelihood_detailed
 
         t0 = time.perf_counter()
         was = self.model.training
@@ -268,7 +268,7 @@ class LocalLM(LM):
         return [(lp, n) for lp, n in totals]
 
     def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
-        from daytune.engine import greedy_generate_batch
+        from daytune.engine.decode import greedy_generate_batch
 
         t0 = time.perf_counter()
         prompts = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daytune.engine import Sampling
+from daytune.engine.decode import Sampling
 from daytune.errors import DaytuneError, ModelError
 from daytune.models import load_model, load_tokenizer, resolve_model
 from daytune.serve.scheduler import Sequence, seeded

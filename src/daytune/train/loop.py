@@ -32,7 +32,7 @@ from daytune.data import encode_records
 from daytune.data.batching import BatchPlan, make_batch
 from daytune.data.jsonl import read_records
 from daytune.data.trainset import load_train_data
-from daytune.engine import response_loss
+from daytune.engine.loss import response_loss
 from daytune.errors import DataError, RunError
 from daytune.models import load_tokenizer, resolve_model
 from daytune.plan import write_run_plan
