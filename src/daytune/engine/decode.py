@@ -107,25 +107,34 @@ class Prefilled:
 
 @torch.no_grad()
 def prefill(
-    model, prompts: list[list[int]], *, score_prompt: list[int | None] | None = None, pad_id: int = 0
+    model,
+    prompts: list[list[int]],
+    *,
+    score_prompt: list[int | None] | None = None,
+    pad_id: int = 0,
+    prefix_len: int = 0,
+    cache=None,
 ) -> Prefilled:
     """Run the prompts as one left-padded batch and return the cache for decoding.
 
     `score_prompt[i]` is None (no prompt scoring) or the number of top alternatives wanted per prompt token: the
-    prompt's log-probabilities come from the same forward pass, at the cost of keeping its hidden states."""
+    prompt's log-probabilities come from the same forward pass, at the cost of keeping its hidden states.
+    With `cache` (a shared prefix of `prefix_len` tokens, expanded over the rows), the prompts are what follows
+    that prefix: the padding then sits between the prefix and each row's own tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prefill needs at least one non-empty prompt per row")
     device = next(model.parameters()).device
     score_prompt = score_prompt or [None] * len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
+    mask = torch.zeros((len(prompts), prefix_len + width), dtype=torch.long, device=device)
+    mask[:, :prefix_len] = 1
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p, device=device)
-        mask[i, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask[i, prefix_len + width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
     want_hidden = any(k is not None for k in score_prompt)
-    out = _forward(model, ids, mask, positions, None, want_hidden)
+    out = _forward(model, ids, mask, positions, cache, want_hidden)
     logits = out.logits[:, -1].float()
     scored: list[list[tuple[float, dict[int, float]]] | None] = [None] * len(prompts)
     if want_hidden:
@@ -242,59 +251,46 @@ def greedy_generate_batch(
     share_prefix: bool = True,
     on_first_step=None,
 ) -> list[Generated]:
-    """Greedy decoding of many prompts in length-sorted batches with a KV cache; prompts sharing a long prefix
-    (few-shot examples) reuse its cache. Each row stops on its own: at an EOS id, or when `stop_check(index,
-    token_ids)` says so (stop sequences are cut by the caller). Gives what `generate` gives for each prompt alone
-    (up to float rounding from padding). `on_first_step(index, logprobs)` receives each prompt's next-token
-    log-probabilities (the whole vocabulary), which score one-token continuations without another pass."""
-    device = next(model.parameters()).device
-    results: list[Generated | None] = [None] * len(prompts)
+    """Greedy decoding of many prompts in length-sorted batches, with the server's steps (`prefill`,
+    `decode_step`); prompts sharing a long prefix (few-shot examples) reuse its cache. Each row stops on its own:
+    at an EOS id, or when `stop_check(index, token_ids)`, called after each of its tokens, says so (stop sequences
+    are cut by the caller); finished rows stay in the batch until all are done. `on_first_step(index, logprobs)`
+    receives each prompt's next-token log-probabilities (the whole vocabulary), which score one-token
+    continuations without another pass."""
     if any(not p for p in prompts):
         raise ValueError("generation needs at least one prompt token")
+    results = [Generated([], []) for _ in prompts]
+    if max_new_tokens <= 0:
+        return results
     if share_prefix:
         groups, rest = prefix_groups(prompts, [len(p) - 1 for p in prompts])
     else:
         groups, rest = [], list(range(len(prompts)))
 
-    def decode(batch: list[int], prefix_len: int, cache) -> None:
-        width = max(len(prompts[i]) for i in batch) - prefix_len
-        x = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(batch), prefix_len + width), dtype=torch.long, device=device)
-        mask[:, :prefix_len] = 1
-        for row, i in enumerate(batch):  # left padding: padding sits between the shared prefix and the suffix
-            suffix = prompts[i][prefix_len:]
-            x[row, width - len(suffix) :] = torch.tensor(suffix, device=device)
-            mask[row, prefix_len + width - len(suffix) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        past = cache
-        outs = [Generated([], []) for _ in batch]
-        done = [False] * len(batch)
-        pos = positions[:, prefix_len:]
+    def run(batch: list[int], prefix_len: int, cache) -> None:
+        suffixes = [prompts[i][prefix_len:] for i in batch]
+        pre = prefill(model, suffixes, pad_id=pad_id, prefix_len=prefix_len, cache=cache)
+        logits, done = pre.logits, [False] * len(batch)
         for step in range(max_new_tokens):
-            res = _forward(model, x, mask, pos, past, hidden=False)
-            past = _cache_of(res)
-            lp = torch.log_softmax(res.logits[:, -1].float(), dim=-1)
-            toks = lp.argmax(-1).tolist()
+            lp = torch.log_softmax(logits, dim=-1)
+            toks = lp.argmax(-1).tolist()  # greedy over log-probabilities, as evaluation always chose
             if on_first_step is not None and step == 0:
                 for row, i in enumerate(batch):
                     on_first_step(i, lp[row])
-            for row, tok in enumerate(toks):
+            for row, (i, tok) in enumerate(zip(batch, toks)):
                 if done[row]:
                     continue
+                out = results[i]
                 if tok in eos_ids:
-                    outs[row].finish_reason, done[row] = "eos", True
+                    out.finish_reason, done[row] = "eos", True
                     continue
-                outs[row].token_ids.append(tok)
-                outs[row].logprobs.append(float(lp[row, tok]))
-                if stop_check is not None and stop_check(batch[row], outs[row].token_ids):
-                    outs[row].finish_reason, done[row] = "stop", True
-            if all(done):
+                out.token_ids.append(tok)
+                out.logprobs.append(float(lp[row, tok]))
+                if stop_check is not None and stop_check(i, out.token_ids):
+                    out.finish_reason, done[row] = "stop", True
+            if all(done) or step == max_new_tokens - 1:
                 break
-            x = torch.tensor(toks, device=device)[:, None]
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)
-            pos = pos[:, -1:] + 1
-        for row, i in enumerate(batch):
-            results[i] = outs[row]
+            logits = decode_step(model, pre.batch, toks)
 
-    _in_batches(model, prompts, groups, rest, batch_size, decode)
-    return results  # type: ignore[return-value]
+    _in_batches(model, prompts, groups, rest, batch_size, run)
+    return results
