@@ -56,11 +56,11 @@ def test_chunked_loss_gradients_match(tiny_model, monkeypatch):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
-def test_token_logprobs_match_log_softmax(tiny_model):
+def test_prompt_logprobs_match_log_softmax(tiny_model):
     model, _ = tiny_model
     ids = [5, 77, 123, 9, 300, 41, 8]
     ref = full_logprobs(model, ids)
-    got = score.token_logprobs(model, ids, top_k=3)
+    got = decode.prefill(model, [ids], score_prompt=[3]).prompt_logprobs[0]
     assert len(got) == len(ids) - 1
     for i, (lp, top) in enumerate(got):
         assert abs(lp - ref[i, ids[i + 1]].item()) < 1e-5
@@ -79,29 +79,46 @@ def test_loglikelihood_matches_manual_sum(tiny_model):
         assert abs(value - ref) < 1e-4
 
 
+def decode_alone(model, prompt, n, sampling=None):
+    """One sequence through the server's steps: prefill, then choose a token and feed it, n times."""
+    sampling = sampling or decode.Sampling()
+    pf = decode.prefill(model, [prompt])
+    logits, toks, lps = pf.logits, [], []
+    for _ in range(n):
+        ((tok, lp, _),) = decode.choose_tokens(logits, [sampling], [0])
+        toks.append(tok)
+        lps.append(lp)
+        logits = decode.decode_step(model, pf.batch, [tok])
+    return toks, lps
+
+
 def test_greedy_generation_matches_transformers(tiny_model):
     model, _ = tiny_model
     prompt = [5, 77, 123, 9]
-    ours = decode.generate(model, prompt, max_new_tokens=8, temperature=1e-7)
+    toks, lps = decode_alone(model, prompt, 8, decode.Sampling(temperature=1e-7))
     ref = model.generate(
         torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
     )
-    assert ours.token_ids == ref[0, len(prompt) :].tolist()
-    lp = full_logprobs(model, prompt + ours.token_ids)
-    for j, t in enumerate(ours.token_ids):
-        assert abs(ours.logprobs[j] - lp[len(prompt) - 1 + j, t].item()) < 1e-4
+    assert toks == ref[0, len(prompt) :].tolist()
+    lp = full_logprobs(model, prompt + toks)
+    for j, t in enumerate(toks):
+        assert abs(lps[j] - lp[len(prompt) - 1 + j, t].item()) < 1e-4
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model):
     model, _ = tiny_model
-    a = decode.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
-    b = decode.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=3)
-    c = decode.generate(model, [5, 6], max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=4)
-    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+    def sample(seed):
+        return decode.Sampling(1.0, 0.9, 50, torch.Generator().manual_seed(seed))
+
+    a, _ = decode_alone(model, [5, 6], 10, sample(3))
+    b, _ = decode_alone(model, [5, 6], 10, sample(3))
+    c, _ = decode_alone(model, [5, 6], 10, sample(4))
+    assert a == b and a != c
 
 
 def test_generation_stops_on_eos(tiny_model):
     model, _ = tiny_model
-    first = decode.generate(model, [5, 6], max_new_tokens=5, temperature=0).token_ids[0]
-    out = decode.generate(model, [5, 6], max_new_tokens=5, temperature=0, eos_ids={first})
+    first = decode.greedy_generate_batch(model, [[5, 6]], max_new_tokens=5)[0].token_ids[0]
+    (out,) = decode.greedy_generate_batch(model, [[5, 6]], max_new_tokens=5, eos_ids={first})
     assert out.token_ids == [] and out.finish_reason == "eos"

@@ -11,9 +11,11 @@ from random import Random
 import pytest
 import torch
 from conftest import EXAMPLES
+from test_engine import decode_alone
 
 from daytune.cli import main
 from daytune.engine import decode, score
+from daytune.engine.forward import prefix_groups
 from daytune.eval import metrics as M
 from daytune.eval.lm import GenerateRequest, HttpLM, LocalLM, apply_stop, normalize_request, rolling_windows
 from daytune.eval.perturbations import PERTURBATIONS, perturb
@@ -43,7 +45,7 @@ def test_shared_prefix_loglikelihood_matches_full_forward(tiny_model):
         reqs += [(ctx, [int(t)]) for t in torch.randint(3, 500, (3,), generator=g)]
         reqs.append((ctx, torch.randint(3, 500, (4,), generator=g).tolist()))
     reqs.append(([5, 6], [7, 8]))
-    groups, rest = score.prefix_groups([c + x[:-1] for c, x in reqs], [len(c) - 1 for c, _ in reqs])
+    groups, rest = prefix_groups([c + x[:-1] for c, x in reqs], [len(c) - 1 for c, _ in reqs])
     assert [len(m) for _, m in groups] == [len(reqs) - 1] and groups[0][0] == 40 and len(rest) == 1
     got = score.loglikelihood_detailed(model, reqs, batch_size=3, pad_id=2)
     for (ctx, cont), (value, greedy) in zip(reqs, got):
@@ -69,9 +71,9 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_model):
         on_first_step=lambda i, lp: firsts.update({i: lp}),
     )
     for i, (p, o) in enumerate(zip(prompts, out)):
-        ref = decode.generate(model, p, max_new_tokens=8, temperature=0)
-        assert o.token_ids == ref.token_ids
-        assert o.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+        ref_ids, ref_logprobs = decode_alone(model, p, 8)
+        assert o.token_ids == ref_ids
+        assert o.logprobs == pytest.approx(ref_logprobs, abs=1e-4)
         assert torch.allclose(firsts[i], full_logprobs(model, p)[-1], atol=1e-4)
     cut = decode.greedy_generate_batch(
         model,

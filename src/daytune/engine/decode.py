@@ -9,77 +9,12 @@ leave (`select_rows`) between steps, which is what lets a server batch requests 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from daytune.engine.forward import _cache_of, _check_head, _forward, _in_batches, _layers, prefix_groups
 from daytune.engine.score import _score_positions
-
-
-@dataclass
-class Generated:
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str = "length"  # length | eos | stop
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen: torch.Generator) -> int:
-    logits = logits / temperature
-    if top_k and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-
-
-GREEDY_BELOW = 1e-4  # HELM asks for greedy decoding with temperature 1e-7
-
-
-@torch.no_grad()
-def generate(
-    model,
-    prompt_ids: list[int],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    eos_ids: set[int] = frozenset(),
-    top_k_per_token: int = 0,
-    stop_check=None,
-) -> Generated:
-    """Decode one sequence: the server's batched machinery (prefill, decode_step, choose_tokens) with one row.
-    Reported log-probabilities are the model's own (temperature 1, before top-k/top-p), so they mean the same
-    thing whatever the sampling settings. `stop_check(ids)` returning True ends decoding early (stop sequences are
-    cut by the caller)."""
-    sampling = Sampling(
-        temperature, top_p, top_k, torch.Generator().manual_seed(seed) if seed is not None else None
-    )
-    pre = prefill(model, [prompt_ids])
-    batch, logits = pre.batch, pre.logits
-    out = Generated([], [], [])
-    for _ in range(max_new_tokens):
-        ((tok, logprob, tops),) = choose_tokens(logits, [sampling], [top_k_per_token])
-        if tok in eos_ids:
-            out.finish_reason = "eos"
-            break
-        out.token_ids.append(tok)
-        out.logprobs.append(logprob)
-        if top_k_per_token > 0:
-            out.top_logprobs.append(tops)
-        if stop_check is not None and stop_check(out.token_ids):
-            out.finish_reason = "stop"
-            break
-        logits = decode_step(model, batch, [tok])
-    return out
 
 
 @dataclass
@@ -204,6 +139,11 @@ def select_rows(batch: DecodeBatch, keep: list[int]) -> DecodeBatch:
     return DecodeBatch(batch.cache, mask[:, first:], batch.positions[idx])
 
 
+# -- choosing the next token -------------------------------------------------------------------------------------
+
+GREEDY_BELOW = 1e-4  # HELM asks for greedy decoding with temperature 1e-7
+
+
 @dataclass
 class Sampling:
     """How one row picks its next token. Greedy below GREEDY_BELOW; `generator` makes a seeded row reproducible."""
@@ -212,6 +152,20 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     generator: torch.Generator | None = None
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen: torch.Generator) -> int:
+    logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
 def choose_tokens(
@@ -236,6 +190,16 @@ def choose_tokens(
         tops = dict(zip(top_idx[i][:k], top_vals[i][:k])) if k > 0 else {}
         out.append((tok, float(lp[i, tok]), tops))
     return out
+
+
+# -- evaluation: greedy generation of many prompts ---------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "length"  # length | eos | stop
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from daytune.engine.forward import (
     _cache_kwarg,
     _check_head,
     _in_batches,
-    final_hidden,
     output_layer,
     prefix_groups,
 )
@@ -40,17 +39,6 @@ def _score_positions(head, h: torch.Tensor, targets: torch.Tensor, top_k: int):
             tops = [{} for _ in chosen]
         out.extend(zip(chosen, tops))
     return out
-
-
-@torch.no_grad()
-def token_logprobs(model, ids: list[int], top_k: int = 0) -> list[tuple[float, dict[int, float]]]:
-    """For positions 1..n-1: log P(ids[i] | ids[:i]) and the top_k alternatives {token id: logprob}."""
-    if len(ids) < 2:
-        return []
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    h = final_hidden(model, x)[0, :-1]
-    return _score_positions(output_layer(model), h, x[0, 1:], top_k)
 
 
 def _suffix_hidden(model, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
