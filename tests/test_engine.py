@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from daytune.data.batching import collate
 from daytune.data.tokenize import Example
-from daytune.engine import decode, score
+from daytune.engine import decode, score, text
 from daytune.engine import loss as engine_loss
 
 
@@ -122,3 +122,77 @@ def test_generation_stops_on_eos(tiny_model):
     first = decode.greedy_generate_batch(model, [[5, 6]], max_new_tokens=5)[0].token_ids[0]
     (out,) = decode.greedy_generate_batch(model, [[5, 6]], max_new_tokens=5, eos_ids={first})
     assert out.token_ids == [] and out.finish_reason == "eos"
+
+
+# -- text: the incremental detokenizer ------------------------------------------------------------------------------
+
+
+def quadratic_pieces(tokenizer, ids):
+    """The per-token texts as evaluation defined them before the incremental detokenizer: decode every prefix."""
+    texts, prev = [], ""
+    for i in range(len(ids)):
+        cur = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
+        if cur.endswith("\ufffd") and i + 1 < len(ids):
+            texts.append("")
+            continue
+        texts.append(cur[len(prev) :] if cur.startswith(prev) else tokenizer.decode([ids[i]]))
+        prev = cur
+    return texts
+
+
+class CountingTokenizer:
+    """Counts decode calls and the token ids they decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls, self.ids = tokenizer, 0, 0
+
+    def decode(self, ids, **kw):
+        self.calls, self.ids = self.calls + 1, self.ids + len(ids)
+        return self.tokenizer.decode(ids, **kw)
+
+
+def sample_ids(tok, n, seed):
+    """Real text with multi-byte characters, then random ids (byte tokens that split or break characters, and
+    special tokens)."""
+    text = "naïve café — 東京 😀, Ω≈ç√ and 48 clips.\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(seed)
+    return (ids + torch.randint(0, len(tok), (n,), generator=g).tolist())[:n]
+
+
+def test_token_texts_equal_decoding_every_prefix(tiny_model):
+    _, tok = tiny_model
+    for seed in range(5):
+        ids = sample_ids(tok, 120, seed)
+        assert any("\ufffd" in tok.decode([t]) for t in ids)  # some tokens hold only part of a character
+        assert text.token_texts(tok, ids) == quadratic_pieces(tok, ids)
+
+
+def test_detokenizer_decodes_a_bounded_window_per_token(tiny_model):
+    _, tok = tiny_model
+    n = 400
+    ids = sample_ids(tok, n, 0)
+    counting = CountingTokenizer(tok)
+    assert text.token_texts(counting, ids) == quadratic_pieces(tok, ids)
+    assert counting.calls <= 2 * n + 2
+    assert counting.ids <= 10 * n  # decoding every prefix reads n (n + 1) / 2 = 80,200 ids
+
+
+def test_eval_stop_watch_sees_the_decode_of_every_token_so_far(tiny_model):
+    """Evaluation's rule: stop once the decoded text (no special tokens) contains a stop sequence."""
+    _, tok = tiny_model
+    for seed in range(20):
+        ids = sample_ids(tok, 80, seed)
+        full = tok.decode(ids, skip_special_tokens=True)
+        stops = [full[40 + seed : 42 + seed], "\ufffd"[: seed % 2]]  # some runs watch for U+FFFD itself
+        watch = text.StopWatcher(text.TextStream(tok, skip_special_tokens=True), stops, see_pending=True)
+        got = next((t for t in range(1, len(ids) + 1) if watch(ids[t - 1])), None)
+        ref = next(
+            (
+                t
+                for t in range(1, len(ids) + 1)
+                if text.cut_at_stop(tok.decode(ids[:t], skip_special_tokens=True), stops) is not None
+            ),
+            None,
+        )
+        assert got == ref

@@ -16,8 +16,9 @@ from test_engine import decode_alone
 from daytune.cli import main
 from daytune.engine import decode, score
 from daytune.engine.forward import prefix_groups
+from daytune.engine.text import cut_pieces
 from daytune.eval import metrics as M
-from daytune.eval.lm import GenerateRequest, HttpLM, LocalLM, apply_stop, normalize_request, rolling_windows
+from daytune.eval.lm import GenerateRequest, HttpLM, LocalLM, normalize_request, rolling_windows
 from daytune.eval.perturbations import PERTURBATIONS, perturb
 from daytune.eval.report import compare, markdown_table
 from daytune.eval.scenarios import SCENARIOS, DataRoot, Settings
@@ -96,9 +97,12 @@ def test_request_seams_windows_and_stops():
     assert windows[0] == [0, 1, 2, 3, 4] and all(len(w) <= 5 for w in windows)
     assert sum(len(w) - 1 for w in windows) == len(ids) - 1  # every token but the first scored once
     assert [w[1:] for w in windows] and sum((w[1:] for w in windows), []) == ids[1:]
-    assert apply_stop([" B", ".\n", "Q"], ["\n"]) == (" B.", 2)  # the crossing token keeps its part before it
-    assert apply_stop([" B", "\n"], ["\n"]) == (" B", 1)
-    assert apply_stop([" 1", "2"], ["\n"]) == (" 12", 2)
+    assert cut_pieces([" B", ".\n", "Q"], ["\n"]) == (
+        [" B", "."],
+        True,
+    )  # the crossing token keeps its part before it
+    assert cut_pieces([" B", "\n"], ["\n"]) == ([" B"], True)
+    assert cut_pieces([" 1", "2"], ["\n"]) == ([" 1", "2"], False)
 
 
 def test_local_loglikelihood_splits_at_the_context_seam(tiny_model):
