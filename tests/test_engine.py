@@ -1,5 +1,6 @@
 """The shared forward-pass helpers agree with a plain full-logits computation."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +55,23 @@ def test_chunked_loss_gradients_match(tiny_model, monkeypatch):
         grads.append(w.grad.clone())
     model.zero_grad()
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_heldout_loss_is_the_mean_per_scored_token_in_eval_mode(tiny_model):
+    model, _ = tiny_model
+    g = torch.Generator().manual_seed(2)
+    exs = [Example(torch.randint(3, 500, (n,), generator=g).tolist(), []) for n in (9, 14, 5, 11, 7)]
+    for e in exs:
+        e.labels = [-100] * 2 + e.input_ids[2:]
+    model.train()
+    try:
+        got = engine_loss.heldout_loss(model, exs, pad_id=2, batch_size=2, device="cpu")
+        assert model.training  # the mode is restored
+    finally:
+        model.eval()
+    with torch.no_grad():
+        parts = [engine_loss.response_loss(model, engine_loss.pad_batch([e], 2)) for e in exs]
+    assert got == pytest.approx(sum(float(x) for x, _ in parts) / sum(n for _, n in parts), abs=1e-5)
 
 
 def test_prompt_logprobs_match_log_softmax(tiny_model):
