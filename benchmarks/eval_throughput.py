@@ -7,8 +7,8 @@ The requests are lm-eval's own: its `mmlu_<subject>` tasks (5-shot, first-n exam
 offline from local files, `--limit` questions per subject, 4 one-letter continuations each. Both sides score every
 request of that list on the same SmolLM2-135M model object (fp32, CPU): lm-eval's `HFLM.loglikelihood` (length-
 sorted batches, one pass per context for one-token continuations) and daytune's `LocalLM` through
-`engine.loglikelihood_detailed` (length-sorted batches, the shared few-shot prefix run once per subject and reused
-through the KV cache). Per-request log-likelihoods must agree within 1e-4 and the greedy flags exactly.
+`engine.score.loglikelihood_detailed` (length-sorted batches, the shared few-shot prefix run once per subject and
+reused through the KV cache). Per-request log-likelihoods must agree within 1e-4 and the greedy flags exactly.
 Prints a table and writes JSON. Ratios matter, not absolute numbers: machines are noisy.
 """
 

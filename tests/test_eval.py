@@ -11,11 +11,14 @@ from random import Random
 import pytest
 import torch
 from conftest import EXAMPLES
+from test_engine import decode_alone
 
-from daytune import engine
 from daytune.cli import main
+from daytune.engine import decode, score
+from daytune.engine.forward import prefix_groups
+from daytune.engine.text import cut_pieces
 from daytune.eval import metrics as M
-from daytune.eval.lm import GenerateRequest, HttpLM, LocalLM, apply_stop, normalize_request, rolling_windows
+from daytune.eval.lm import GenerateRequest, HttpLM, LocalLM, normalize_request, rolling_windows
 from daytune.eval.perturbations import PERTURBATIONS, perturb
 from daytune.eval.report import compare, markdown_table
 from daytune.eval.scenarios import SCENARIOS, DataRoot, Settings
@@ -43,15 +46,15 @@ def test_shared_prefix_loglikelihood_matches_full_forward(tiny_model):
         reqs += [(ctx, [int(t)]) for t in torch.randint(3, 500, (3,), generator=g)]
         reqs.append((ctx, torch.randint(3, 500, (4,), generator=g).tolist()))
     reqs.append(([5, 6], [7, 8]))
-    groups, rest = engine.prefix_groups([c + x[:-1] for c, x in reqs], [len(c) - 1 for c, _ in reqs])
+    groups, rest = prefix_groups([c + x[:-1] for c, x in reqs], [len(c) - 1 for c, _ in reqs])
     assert [len(m) for _, m in groups] == [len(reqs) - 1] and groups[0][0] == 40 and len(rest) == 1
-    got = engine.loglikelihood_detailed(model, reqs, batch_size=3, pad_id=2)
+    got = score.loglikelihood_detailed(model, reqs, batch_size=3, pad_id=2)
     for (ctx, cont), (value, greedy) in zip(reqs, got):
         lp = full_logprobs(model, ctx + cont)
         rows = [lp[len(ctx) - 1 + j] for j in range(len(cont))]
         assert abs(value - sum(r[t].item() for r, t in zip(rows, cont))) < 1e-4
         assert greedy == all(int(r.argmax()) == t for r, t in zip(rows, cont))
-    assert engine.loglikelihood(model, reqs, 3, 2) == pytest.approx([v for v, _ in got], abs=1e-6)
+    assert score.loglikelihood(model, reqs, 3, 2) == pytest.approx([v for v, _ in got], abs=1e-6)
 
 
 def test_batched_greedy_generation_equals_one_at_a_time(tiny_model):
@@ -60,7 +63,7 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_model):
     prefix = torch.randint(3, 500, (30,), generator=g).tolist()
     prompts = [prefix + torch.randint(3, 500, (1 + q,), generator=g).tolist() for q in range(5)] + [[5, 6, 7]]
     firsts = {}
-    out = engine.greedy_generate_batch(
+    out = decode.greedy_generate_batch(
         model,
         prompts,
         max_new_tokens=8,
@@ -69,11 +72,11 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_model):
         on_first_step=lambda i, lp: firsts.update({i: lp}),
     )
     for i, (p, o) in enumerate(zip(prompts, out)):
-        ref = engine.generate(model, p, max_new_tokens=8, temperature=0)
-        assert o.token_ids == ref.token_ids
-        assert o.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+        ref_ids, ref_logprobs = decode_alone(model, p, 8)
+        assert o.token_ids == ref_ids
+        assert o.logprobs == pytest.approx(ref_logprobs, abs=1e-4)
         assert torch.allclose(firsts[i], full_logprobs(model, p)[-1], atol=1e-4)
-    cut = engine.greedy_generate_batch(
+    cut = decode.greedy_generate_batch(
         model,
         prompts[:2],
         max_new_tokens=8,
@@ -94,9 +97,12 @@ def test_request_seams_windows_and_stops():
     assert windows[0] == [0, 1, 2, 3, 4] and all(len(w) <= 5 for w in windows)
     assert sum(len(w) - 1 for w in windows) == len(ids) - 1  # every token but the first scored once
     assert [w[1:] for w in windows] and sum((w[1:] for w in windows), []) == ids[1:]
-    assert apply_stop([" B", ".\n", "Q"], ["\n"]) == (" B.", 2)  # the crossing token keeps its part before it
-    assert apply_stop([" B", "\n"], ["\n"]) == (" B", 1)
-    assert apply_stop([" 1", "2"], ["\n"]) == (" 12", 2)
+    assert cut_pieces([" B", ".\n", "Q"], ["\n"]) == (
+        [" B", "."],
+        True,
+    )  # the crossing token keeps its part before it
+    assert cut_pieces([" B", "\n"], ["\n"]) == ([" B"], True)
+    assert cut_pieces([" 1", "2"], ["\n"]) == ([" 1", "2"], False)
 
 
 def test_local_loglikelihood_splits_at_the_context_seam(tiny_model):

@@ -156,7 +156,7 @@ CASES = [  # family, method, dtype, lora dropout, batch (packed | padded | singl
 def test_activation_model_matches_what_autograd_saves(family, method, dtype, dropout, batching, targets):
     """The per-operation accounting equals, within 1 %, the bytes autograd keeps after a real forward through
     daytune's loss (HF model code, PEFT wrappers, labels-only output layer) on a 3-block model."""
-    from daytune.engine import response_loss
+    from daytune.engine.loss import response_loss
     from daytune.train import methods
 
     cls, extra = FAMILIES[family]

@@ -4,8 +4,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from daytune.engine.text import token_texts
 from daytune.serve.app import create_app
-from daytune.serve.model import ServeModel, token_texts
+from daytune.serve.model import ServeModel
 
 
 @pytest.fixture(scope="module")

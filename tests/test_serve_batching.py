@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from daytune import engine
+from daytune.engine import decode
 from daytune.serve.scheduler import QueueFull, Scheduler, Sequence, seeded
 
 PROMPTS = [
@@ -26,19 +26,19 @@ def tm(tiny_model):
 
 def alone(model, ids, n, top_k=3):
     """Greedy tokens, logprobs and prompt logprobs of one sequence decoded by itself."""
-    pf = engine.prefill(model, [ids], score_prompt=[top_k])
+    pf = decode.prefill(model, [ids], score_prompt=[top_k])
     logits, toks, lps = pf.logits, [], []
     for _ in range(n):
-        ((tok, lp, _),) = engine.choose_tokens(logits, [engine.Sampling()], [0])
+        ((tok, lp, _),) = decode.choose_tokens(logits, [decode.Sampling()], [0])
         toks.append(tok)
         lps.append(lp)
-        logits = engine.decode_step(model, pf.batch, [tok])
+        logits = decode.decode_step(model, pf.batch, [tok])
     return toks, lps, pf.prompt_logprobs[0]
 
 
 def test_prefill_prompt_logprobs_match_a_plain_forward(tm):
     model, _, ids = tm
-    pf = engine.prefill(model, ids, score_prompt=[2] * len(ids))
+    pf = decode.prefill(model, ids, score_prompt=[2] * len(ids))
     for i, p in enumerate(ids):
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
@@ -62,11 +62,11 @@ def test_rows_joining_and_leaving_decode_exactly_as_alone(tm):
     step = 0
     while step in joins or rows:
         if step in joins:
-            pf = engine.prefill(model, [ids[i] for i in joins[step]])
-            batch = pf.batch if batch is None else engine.merge_batches(batch, pf.batch)
+            pf = decode.prefill(model, [ids[i] for i in joins[step]])
+            batch = pf.batch if batch is None else decode.merge_batches(batch, pf.batch)
             logits = pf.logits if logits is None else torch.cat([logits, pf.logits])
             rows += joins[step]
-        chosen = engine.choose_tokens(logits, [engine.Sampling()] * len(rows), [0] * len(rows))
+        chosen = decode.choose_tokens(logits, [decode.Sampling()] * len(rows), [0] * len(rows))
         feed, keep = [], []
         for j, (r, (tok, lp, _)) in enumerate(zip(rows, chosen)):
             out[r][0].append(tok)
@@ -75,10 +75,10 @@ def test_rows_joining_and_leaving_decode_exactly_as_alone(tm):
                 keep.append(j)
                 feed.append(tok)
         if len(keep) < len(rows):
-            batch = engine.select_rows(batch, keep) if keep else None
+            batch = decode.select_rows(batch, keep) if keep else None
             rows = [rows[j] for j in keep]
         if rows:
-            logits = engine.decode_step(model, batch, feed)
+            logits = decode.decode_step(model, batch, feed)
         step += 1
     for i in range(len(ids)):
         assert out[i][0] == ref[i][0], f"row {i}: greedy tokens differ"
@@ -97,7 +97,7 @@ def run_scheduler(model, seqs, max_batch):
 
 
 def make(ids, n, **kw):
-    return Sequence(prompt_ids=ids, max_new_tokens=n, sampling=engine.Sampling(), top_k_per_token=2, **kw)
+    return Sequence(prompt_ids=ids, max_new_tokens=n, sampling=decode.Sampling(), top_k_per_token=2, **kw)
 
 
 def test_scheduler_batches_and_matches_one_at_a_time(tm):
@@ -123,9 +123,9 @@ def test_seeded_samples_reproduce_whatever_the_batch(tm):
     model, _, ids = tm
 
     def sampled(seed, companions):
-        s = Sequence(ids[0], 12, engine.Sampling(1.0, 0.9, 50, seeded(seed)))
+        s = Sequence(ids[0], 12, decode.Sampling(1.0, 0.9, 50, seeded(seed)))
         others = [
-            Sequence(ids[i % len(ids)], 5 + i, engine.Sampling(1.0, 1.0, 0, seeded(i)))
+            Sequence(ids[i % len(ids)], 5 + i, decode.Sampling(1.0, 1.0, 0, seeded(i)))
             for i in range(companions)
         ]
         run_scheduler(model, [s] + others, max_batch=8)

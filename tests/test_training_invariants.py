@@ -13,10 +13,11 @@ from conftest import EXAMPLES
 from safetensors.torch import load_file
 from test_train import new_run
 
-from daytune import engine
 from daytune.config import load_run_config
 from daytune.data import encode_records, read_instructions
 from daytune.data.batching import BatchPlan, collate, collate_packed
+from daytune.engine.forward import final_hidden
+from daytune.engine.loss import response_loss
 from daytune.pipeline import train_run
 from daytune.train.loop import find_resume_checkpoint
 
@@ -32,21 +33,19 @@ def test_packed_losses_equal_unpacked(tiny_model):
     exs = gsm8k_examples(tok, n=5, max_len=120)
     packed = collate_packed([exs[:3], exs[3:]], tok.pad_token_id)  # two rows, uneven totals: padding too
     with torch.no_grad():
-        h_packed = engine.final_hidden(
-            model, packed["input_ids"], packed["attention_mask"], packed["position_ids"]
-        )
-        loss_packed, n_packed = engine.response_loss(model, packed)
+        h_packed = final_hidden(model, packed["input_ids"], packed["attention_mask"], packed["position_ids"])
+        loss_packed, n_packed = response_loss(model, packed)
         total, count = 0.0, 0
         for r, row in enumerate([exs[:3], exs[3:]]):
             at = 0
             for e in row:
                 single = collate([e], tok.pad_token_id)
-                h = engine.final_hidden(model, single["input_ids"], single["attention_mask"])
+                h = final_hidden(model, single["input_ids"], single["attention_mask"])
                 n = len(e.input_ids)
                 assert torch.allclose(
                     h_packed[r, at : at + n], h[0], atol=1e-5
                 )  # each example sees only itself
-                loss, c = engine.response_loss(model, single)
+                loss, c = response_loss(model, single)
                 total, count, at = total + float(loss), count + c, at + n
     assert n_packed == count
     assert float(loss_packed) == pytest.approx(total, rel=1e-5)

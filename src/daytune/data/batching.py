@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from daytune.data.tokenize import IGNORE_INDEX, Example
+from daytune.engine.loss import pad_batch
 
 Row = list[int]
 MicroBatch = list[Row]
@@ -94,16 +95,7 @@ class BatchPlan:
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """One example per row, right-padded to the longest; padded positions are masked out of attention and loss."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return pad_batch(examples, pad_id)
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from daytune.data.templates import render_segments
-
-IGNORE_INDEX = -100
+from daytune.engine import IGNORE_INDEX
 
 
 @dataclass

@@ -10,13 +10,13 @@ import torch
 
 from daytune.config import DataConfig, EvalConfig
 from daytune.data import encode_records, read_instructions, read_multiple_choice
-from daytune.data.batching import collate
-from daytune.engine import loglikelihood, response_loss
+from daytune.engine import IGNORE_INDEX
+from daytune.engine.loss import heldout_loss as engine_heldout_loss
+from daytune.engine.score import loglikelihood
 
 LETTERS = "ABCDEFGHIJ"
 
 
-@torch.no_grad()
 def heldout_loss(
     model,
     tokenizer,
@@ -27,17 +27,10 @@ def heldout_loss(
     system_prompt: str | None = None,
 ) -> dict:
     examples, stats = encode_records(records, tokenizer, template, max_seq_len, system_prompt)
-    examples.sort(key=lambda e: len(e.input_ids))
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {
-            k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()
-        }
-        loss, n = response_loss(model, batch)
-        total += float(loss)
-        count += n
-    mean = total / max(1, count)
+    mean = engine_heldout_loss(model, examples, tokenizer.pad_token_id, batch_size, device)
+    # tokens scored: every label but each example's first, which no token predicts
+    count = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)
     return {
         "loss": round(mean, 5),
         "perplexity": round(math.exp(mean), 4),

@@ -1,6 +1,6 @@
 """One language-model interface for every scenario, with two backends.
 
-- `LocalLM`: a model (and optional adapter) in this process, through the shared forward passes in `engine.py`
+- `LocalLM`: a model (and optional adapter) in this process, through the shared forward passes in `daytune.engine`
   (length-sorted batches, few-shot prefixes reused through the KV cache).
 - `HttpLM`: a running submission server, spoken to exactly as HELM's `HTTPModelClient` does (`POST /process`,
   `/tokenize`, `/decode`), so the same suite scores what the competition would score.
@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from daytune.engine.text import StopWatcher, TextStream, cut_pieces, token_texts
 from daytune.errors import DaytuneError
 
 DEFAULT_BASE_URL = "http://localhost:8080"
@@ -96,24 +97,6 @@ def normalize_request(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
-def cut_at_stop(text: str, stops: list[str]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None
-
-
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """Per-token text that joins to the decoded string (a multi-byte character lands on its last token)."""
-    texts, prev = [], ""
-    for i in range(len(ids)):
-        cur = tokenizer.decode(ids[: i + 1], skip_special_tokens=False)
-        if cur.endswith("\ufffd") and i + 1 < len(ids):
-            texts.append("")
-            continue
-        texts.append(cur[len(prev) :] if cur.startswith(prev) else tokenizer.decode([ids[i]]))
-        prev = cur
-    return texts
-
-
 def rolling_windows(ids: list[int], max_length: int) -> list[list[int]]:
     """Disjoint windows over `ids`: the first scores tokens 1..L-1, each later one scores up to L tokens given
     the single token before them (lm-evaluation-harness's rolling windows with a one-token context)."""
@@ -121,22 +104,6 @@ def rolling_windows(ids: list[int], max_length: int) -> list[list[int]]:
     for i in range(max_length + 1, len(ids), max_length):
         windows.append(ids[i - 1 : i + max_length])
     return windows if len(ids) > 1 else []
-
-
-def apply_stop(pieces: list[str], stops: list[str]) -> tuple[str, int]:
-    """The text kept and its token count: the text ends right before the first stop sequence, and the tokens
-    are those that start before it (the server's rule: a token crossing the cut keeps its part before it)."""
-    text = "".join(pieces)
-    cut = cut_at_stop(text, stops)
-    if cut is None:
-        return text, len(pieces)
-    used, kept = 0, 0
-    for p in pieces:
-        if used >= cut:
-            break
-        used += len(p)
-        kept += 1
-    return text[:cut], kept
 
 
 class LM:
@@ -223,7 +190,7 @@ class LocalLM(LM):
         return ctx, cont
 
     def loglikelihood_ids(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        from daytune.engine import loglikelihood_detailed
+        from daytune.engine.score import loglikelihood_detailed
 
         t0 = time.perf_counter()
         was = self.model.training
@@ -266,7 +233,7 @@ class LocalLM(LM):
         return [(lp, n) for lp, n in totals]
 
     def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
-        from daytune.engine import greedy_generate_batch
+        from daytune.engine.decode import greedy_generate_batch
 
         t0 = time.perf_counter()
         prompts = []
@@ -275,11 +242,15 @@ class LocalLM(LM):
             keep = max(1, self.max_length - r.max_new_tokens)
             prompts.append(ids[-keep:])
         stops = [[s for s in r.stop if s] for r in requests]
+        # the generated text so far, without special tokens, is watched for the stop sequences
+        watchers = {
+            i: StopWatcher(TextStream(self.tokenizer, skip_special_tokens=True), stops[i], see_pending=True)
+            for i in range(len(requests))
+            if stops[i]
+        }
 
         def stop_check(i: int, ids: list[int]) -> bool:
-            if not stops[i]:
-                return False
-            return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops[i]) is not None
+            return i in watchers and watchers[i](ids[-1])
 
         out: list[Generation] = [None] * len(requests)  # type: ignore[list-item]
         self._first_step = {}
@@ -303,8 +274,8 @@ class LocalLM(LM):
                     ),
                 )
                 for i, g in zip(idx, gens):
-                    text, kept = apply_stop(token_pieces(self.tokenizer, g.token_ids), stops[i])
-                    out[i] = Generation(text, kept, float(sum(g.logprobs[:kept])))
+                    pieces, _ = cut_pieces(token_texts(self.tokenizer, g.token_ids), stops[i])
+                    out[i] = Generation("".join(pieces), len(pieces), float(sum(g.logprobs[: len(pieces)])))
         finally:
             self.model.train(was)
         self.usage.add(
@@ -450,10 +421,10 @@ class HttpLM(LM):
         def one(r: GenerateRequest):
             s = time.perf_counter()
             body = self.process(r.prompt, r.max_new_tokens, echo=False, stop=r.stop)
-            pieces = [t["text"] for t in body["tokens"]]
-            text, kept = apply_stop(pieces, r.stop)  # the server cuts already; cutting again changes nothing
-            lp = sum(t["logprob"] for t in body["tokens"][:kept])
-            return Generation(text, kept, lp), time.perf_counter() - s
+            # the server cuts already; cutting again changes nothing
+            pieces, _ = cut_pieces([t["text"] for t in body["tokens"]], r.stop)
+            lp = sum(t["logprob"] for t in body["tokens"][: len(pieces)])
+            return Generation("".join(pieces), len(pieces), lp), time.perf_counter() - s
 
         out = self._map(one, requests)
         self.usage.add(

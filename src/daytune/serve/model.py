@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daytune.engine import Sampling
+from daytune.engine.decode import Sampling
+from daytune.engine.text import StopWatcher, TextStream, cut_pieces, token_texts
 from daytune.errors import DaytuneError, ModelError
 from daytune.models import ModelSource, load_for_inference
 from daytune.serve.scheduler import Sequence, seeded
@@ -39,81 +40,6 @@ class RequestError(DaytuneError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-class TextStream:
-    """Incremental detokenizer: each pushed token gets the text it adds, so the pieces join to the decoded string.
-    Bytes of one character split over several tokens land on the token that completes it (the others get "")."""
-
-    def __init__(self, tokenizer, context: list[int] = ()):
-        self.tokenizer = tokenizer
-        self.ids = list(context)
-        self.prefix = 0  # decode from here, so that the tokenizer sees the left context
-        self.read = len(self.ids)  # tokens before this already have their text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        before = self._decode(self.ids[self.prefix : self.read])
-        now = self._decode(self.ids[self.prefix :])
-        if now.endswith("\ufffd") or not now.startswith(before):
-            return ""  # an incomplete character: wait for the tokens that complete it
-        self.prefix, self.read = self.read, len(self.ids)
-        return now[len(before) :]
-
-    def flush(self) -> str:
-        """Text still pending at the end (an incomplete character decodes to U+FFFD)."""
-        if self.read == len(self.ids):
-            return ""
-        before = self._decode(self.ids[self.prefix : self.read])
-        now = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before) :] if now.startswith(before) else now
-
-
-def token_texts(tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
-    """Per-token text such that the pieces join to the decoded string."""
-    stream = TextStream(tokenizer, context)
-    texts = [stream.push(t) for t in ids]
-    if texts:
-        texts[-1] += stream.flush()
-    return texts
-
-
-def cut_at_stop(text: str, stops: list[str]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None
-
-
-class StopWatcher:
-    """Follows one sequence's text as tokens arrive and tells the scheduler when a stop sequence has appeared."""
-
-    def __init__(self, tokenizer, lock, context: list[int], stops: list[str]):
-        self.lock = lock
-        self.stream = TextStream(tokenizer, context)
-        self.stops = [s for s in stops if s]
-        self.longest = max((len(s) for s in self.stops), default=0)
-        self.texts: list[str] = []
-        self.text = ""
-
-    def __call__(self, tok: int) -> bool:
-        with self.lock:
-            piece = self.stream.push(tok)
-        self.texts.append(piece)
-        self.text += piece
-        if not self.stops or not piece:
-            return False
-        tail = self.text[max(0, len(self.text) - len(piece) - self.longest + 1) :]
-        return any(s in tail for s in self.stops)
-
-    def finish(self) -> list[str]:
-        with self.lock:
-            rest = self.stream.flush()
-        if rest and self.texts:
-            self.texts[-1] += rest
-        return self.texts
 
 
 class ServeModel:
@@ -214,7 +140,7 @@ class ServeModel:
                     else None,
                     eos_ids=self.eos_ids,
                     on_token=StopWatcher(
-                        self.tokenizer, self.tok_lock, shown[-STREAM_CONTEXT:], req.stop_sequences
+                        TextStream(self.tokenizer, shown[-STREAM_CONTEXT:]), req.stop_sequences, self.tok_lock
                     ),
                     deadline=deadline,
                 )
@@ -249,22 +175,17 @@ class ServeModel:
         prefix = "".join(t.text for t in echo)
         out = []
         for seq in seqs:
-            texts = seq.on_token.finish()
-            text = "".join(texts)
-            cut = cut_at_stop(text, seq.on_token.stops)
-            finish = seq.finish_reason
-            tokens, used = [], 0
+            texts, cut = cut_pieces(seq.on_token.finish(), seq.on_token.stops)
             with self.tok_lock:
-                for j, t in enumerate(texts):
-                    if cut is not None:
-                        if used >= cut:
-                            break  # this token starts at or after the stop sequence
-                        t = t[: cut - used]  # the token that crosses the cut keeps its part before it
-                    used += len(t)
-                    tops = self._tops(seq.top_logprobs[j]) if seq.top_logprobs else {}
-                    tokens.append(Token(text=t, logprob=seq.logprobs[j], top_logprob=tops))
-            if cut is not None:
-                text, finish = text[:cut], "stop"
+                tokens = [
+                    Token(
+                        text=t,
+                        logprob=seq.logprobs[j],
+                        top_logprob=self._tops(seq.top_logprobs[j]) if seq.top_logprobs else {},
+                    )
+                    for j, t in enumerate(texts)
+                ]
+            text, finish = "".join(texts), "stop" if cut else seq.finish_reason
             all_tokens = echo + tokens
             out.append(
                 Completion(

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from daytune import engine
+from daytune.engine.decode import (
+    DecodeBatch,
+    Sampling,
+    can_merge,
+    choose_tokens,
+    decode_step,
+    merge_batches,
+    prefill,
+    select_rows,
+)
 
 
 class QueueFull(Exception):
@@ -35,7 +44,7 @@ class Sequence:
 
     prompt_ids: list[int]
     max_new_tokens: int
-    sampling: engine.Sampling
+    sampling: Sampling
     top_k_per_token: int = 0
     score_prompt: int | None = None  # top alternatives per prompt token, or None: no prompt log-probabilities
     eos_ids: frozenset[int] = frozenset()
@@ -75,7 +84,7 @@ class Scheduler:
         self.pad_id = pad_id
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.batch: engine.DecodeBatch | None = None
+        self.batch: DecodeBatch | None = None
         self.merging = True  # cleared if the model's cache cannot take rows mid-flight
         self.cond = threading.Condition()
         self.stopping = False
@@ -174,7 +183,7 @@ class Scheduler:
             seq.future.set_result(seq)
 
     def _prefill(self, new: list[Sequence]) -> None:
-        pf = engine.prefill(
+        pf = prefill(
             self.model,
             [s.prompt_ids for s in new],
             score_prompt=[s.score_prompt for s in new],
@@ -183,7 +192,7 @@ class Scheduler:
         self.steps["prefill"] += 1
         for seq, scored in zip(new, pf.prompt_logprobs):
             seq.prompt_logprobs = scored
-        chosen = engine.choose_tokens(pf.logits, [s.sampling for s in new], [s.top_k_per_token for s in new])
+        chosen = choose_tokens(pf.logits, [s.sampling for s in new], [s.top_k_per_token for s in new])
         keep = []
         for i, (seq, (tok, lp, tops)) in enumerate(zip(new, chosen)):
             if seq.max_new_tokens <= 0 or seq.accept(tok, lp, tops):
@@ -192,21 +201,21 @@ class Scheduler:
                 keep.append(i)
         if not keep:
             return
-        batch = pf.batch if len(keep) == len(new) else engine.select_rows(pf.batch, keep)
+        batch = pf.batch if len(keep) == len(new) else select_rows(pf.batch, keep)
         rows = [new[i] for i in keep]
         if self.batch is None:
             self.batch, self.running = batch, rows
-            self.merging = engine.can_merge(batch)
+            self.merging = can_merge(batch)
         else:
-            self.batch = engine.merge_batches(self.batch, batch)
+            self.batch = merge_batches(self.batch, batch)
             self.running = self.running + rows
 
     def _decode(self) -> None:
         rows = self.running
         self.steps["decode"] += 1
         self.steps["max_rows"] = max(self.steps["max_rows"], len(rows))
-        logits = engine.decode_step(self.model, self.batch, [s.token_ids[-1] for s in rows])
-        chosen = engine.choose_tokens(logits, [s.sampling for s in rows], [s.top_k_per_token for s in rows])
+        logits = decode_step(self.model, self.batch, [s.token_ids[-1] for s in rows])
+        chosen = choose_tokens(logits, [s.sampling for s in rows], [s.top_k_per_token for s in rows])
         now = time.monotonic()
         keep = []
         for i, (seq, (tok, lp, tops)) in enumerate(zip(rows, chosen)):
@@ -219,7 +228,7 @@ class Scheduler:
         if not keep:
             self.batch, self.running = None, []
         elif len(keep) < len(rows):
-            self.batch = engine.select_rows(self.batch, keep)
+            self.batch = select_rows(self.batch, keep)
             self.running = [rows[i] for i in keep]
 
 

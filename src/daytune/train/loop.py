@@ -36,7 +36,7 @@ from daytune.data import encode_records
 from daytune.data.batching import BatchPlan, make_batch
 from daytune.data.jsonl import read_records
 from daytune.data.trainset import load_train_data
-from daytune.engine import response_loss
+from daytune.engine.loss import heldout_loss, response_loss
 from daytune.errors import DataError, RunError
 from daytune.hardware import autocast_kind, param_dtype, pick_device, resolve_precision
 from daytune.models import load_tokenizer, resolve_model
@@ -367,7 +367,7 @@ def evaluate(s: Session) -> float:
     """Validation loss (every process takes part); a new best resets the patience and, with early stopping, is
     kept as the model to end with."""
     st, tc = s.state, s.cfg.train
-    val_loss = validation_loss(s.model, s.val_examples, s.tokenizer.pad_token_id, tc.micro_batch, s.device)
+    val_loss = heldout_loss(s.model, s.val_examples, s.tokenizer.pad_token_id, tc.micro_batch, s.device)
     if st.best_val is None or val_loss < st.best_val - 1e-6:
         st.best_val, st.best_step, st.bad_evals = val_loss, st.step, 0
         if tc.early_stopping_patience:
@@ -555,22 +555,6 @@ def load_examples(cfg: RunConfig, tokenizer):
     if not train:
         raise DataError(f"{dc.train}: every example lost its response to truncation; raise data.max_seq_len")
     return train, val, stats, data_info
-
-
-@torch.no_grad()
-def validation_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
-    from daytune.data.batching import collate
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    for i in range(0, len(ordered), batch_size):
-        batch = {k: v.to(device) for k, v in collate(ordered[i : i + batch_size], pad_id).items()}
-        loss, n = response_loss(model, batch)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total / max(1, count)
 
 
 def plan_tokens(plan: BatchPlan, examples, mb) -> int:

@@ -157,7 +157,7 @@ def probe_micro_batch(
     for the optimizer states while probing."""
     import torch
 
-    from daytune.engine import response_loss
+    from daytune.engine.loss import response_loss
 
     cuda = device.type == "cuda"
     if cuda:
