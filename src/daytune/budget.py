@@ -20,9 +20,8 @@ class Budget:
     spent_before: float = 0.0  # time used by earlier attempts of a resumed run
     save_reserve: float = 1.0  # seconds kept back for the final save, updated from measured saves
     safety: float = 1.5  # the next step may take this much longer than the slowest recent step
-    prior_step: float = (
-        0.0  # before any step was measured: one micro-batch (the first step is guarded per micro-batch)
-    )
+    # before any step was measured: the time of one micro-batch (the first step is guarded per micro-batch)
+    prior_step: float = 0.0
     _step_times: list[float] = field(default_factory=list)
 
     def elapsed(self) -> float:

@@ -73,9 +73,8 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault(
-        "TQDM_DISABLE", "1"
-    )  # GGUF conversion draws its own bar; daytune prints its own line
+    # GGUF conversion draws its own bar; daytune prints its own line
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings(

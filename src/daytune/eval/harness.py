@@ -227,9 +227,8 @@ def run_harness(
     from lm_eval.tasks import TaskManager
 
     prepare_tasks(tasks, data, work)
-    manager = TaskManager(
-        include_path=str(work), include_defaults=False
-    )  # skips indexing lm-eval's ~10k tasks
+    # include_defaults=False skips indexing lm-eval's ~10k tasks
+    manager = TaskManager(include_path=str(work), include_defaults=False)
     model = harness_lm(lm) if isinstance(lm, LocalLM) else lm
     out = lm_eval.simple_evaluate(
         model=model,

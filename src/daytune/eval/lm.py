@@ -58,9 +58,8 @@ class Usage:
     prompt_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
-    latencies: list[float] = field(
-        default_factory=list
-    )  # per request (HTTP) or per request amortized (local)
+    # per request (HTTP) or per request amortized (local)
+    latencies: list[float] = field(default_factory=list)
 
     def add(
         self, requests: int, prompt_tokens: int, output_tokens: int, seconds: float, latencies=None

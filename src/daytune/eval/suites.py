@@ -131,9 +131,8 @@ def run_suite(
     results = {"suite": suite, "model": lm.info(), "data_root": str(root.root), "scenarios": {}}
     t_all = time.perf_counter()
     loaded = [(name, s, SCENARIOS[name]()) for name, s in plan]
-    loaded = [
-        (name, s, scen, scen.load(root, s)) for name, s, scen in loaded
-    ]  # data errors before any compute
+    # load every scenario's data first: data errors surface before any compute
+    loaded = [(name, s, scen, scen.load(root, s)) for name, s, scen in loaded]
     for name, s, scen, instances in loaded:
         log(f"  {name}: {len(instances)} instances...")
         lm.usage = Usage()

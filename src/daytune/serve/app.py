@@ -100,6 +100,8 @@ def _error(status: int, field: str | None, msg: str, headers: dict | None = None
 
 
 def create_app(server: ServeModel, options: ServeOptions | None = None) -> FastAPI:
+    """The FastAPI app. Its route functions are defined here, closing over the model, the scheduler and the
+    options (FastAPI's own idiom for per-app state): that is why this one function runs to about 100 lines."""
     options = options or ServeOptions()
     scheduler = Scheduler(
         server.model,

@@ -29,9 +29,8 @@ from daytune.models import ModelSource, load_for_inference
 from daytune.serve.scheduler import Sequence, seeded
 from daytune.serve.schemas import Completion, ProcessRequest, Token
 
-STREAM_CONTEXT = (
-    4  # prompt tokens decoded before the first generated one (SentencePiece drops a leading space)
-)
+# prompt tokens decoded before the first generated one (SentencePiece drops a leading space)
+STREAM_CONTEXT = 4
 
 
 class RequestError(DaytuneError):

@@ -40,22 +40,72 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f} %" if x >= 0.1 else f"{100 * x:.1f} %"
 
 
+@dataclass
+class _Facts:
+    """What the checks read from a run folder."""
+
+    metrics: list[dict]
+    system: list[dict]
+    summary: dict
+    tracking: dict
+    plan: dict
+    data_cfg: dict
+    train_cfg: dict
+
+    @classmethod
+    def of(cls, run: RunDir) -> _Facts:
+        import yaml
+
+        cfg = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}
+        return cls(
+            metrics=run.read_metrics(),
+            system=run.read_system(),
+            summary=run.read_summary(),
+            tracking=run.read_json("tracking.json"),
+            plan=run.read_json("plan.json"),
+            data_cfg=cfg.get("data", {}) or {},
+            train_cfg=cfg.get("train", {}) or {},
+        )
+
+    @property
+    def train(self) -> dict:
+        return self.summary.get("train", {})
+
+    @property
+    def steady(self) -> list[dict]:
+        """The steps after the first, which pays for warm-up."""
+        return self.metrics[1:] if len(self.metrics) > 2 else self.metrics
+
+    @property
+    def t_first(self) -> float:
+        """When the first step started (seconds into the train stage)."""
+        m = self.metrics
+        return (m[0].get("elapsed", 0) - m[0].get("step_seconds", 0)) if m else 0
+
+    @property
+    def during(self) -> list[dict]:
+        """System samples taken while steps ran (all of them when none fall inside)."""
+        t_last = self.metrics[-1].get("elapsed", 0) if self.metrics else 0
+        return [s for s in self.system if self.t_first <= s.get("elapsed", -1) <= t_last + 1] or self.system
+
+    @property
+    def gpu_utils(self) -> list[float]:
+        return [g["util"] for s in self.during for g in s.get("gpus", []) if g.get("util") is not None]
+
+
 def diagnose(run: RunDir) -> list[Finding]:
     """Everything the run folder lets us say; checks without data are left out."""
-    import yaml
+    f = _Facts.of(run)
+    first = [_data_wait(f), _padding(f)]
+    waiting = any(x is not None and x.check == "data_wait" and x.status == WARN for x in first)
+    memory, used = _memory(f)
+    found = [*first, _device_utilization(f, waiting), _mfu(f), memory, _planner(f, waiting, used), _budget(f)]
+    return [x for x in found if x is not None]
 
-    metrics = run.read_metrics()
-    system = run.read_system()
-    summary = run.read_summary()
-    tracking = run.read_json("tracking.json")
-    plan = run.read_json("plan.json")
-    cfg = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}
-    data_cfg, train_cfg = cfg.get("data", {}) or {}, cfg.get("train", {}) or {}
-    train = summary.get("train", {})
-    steady = metrics[1:] if len(metrics) > 2 else metrics  # the first step pays for warm-up
-    out: list[Finding] = []
 
-    # -- data wait ---------------------------------------------------------------------------------------------
+def _data_wait(f: _Facts) -> Finding | None:
+    """Time building batches on the training thread, against step time."""
+    data_cfg, steady = f.data_cfg, f.steady
     step_time = sum(m.get("step_seconds", 0) for m in steady)
     data_time = sum(m.get("data_seconds", 0) or 0 for m in steady)
     if step_time > 0 and any("data_seconds" in m for m in steady):
@@ -70,11 +120,15 @@ def diagnose(run: RunDir) -> list[Finding]:
                 else "raise train.micro_batch (and lower train.grad_accum to keep the effective batch): fewer, "
                 "larger batches spread the per-batch cost"
             )
-            out.append(Finding("data_wait", WARN, round(frac, 4), msg, rec))
+            return Finding("data_wait", WARN, round(frac, 4), msg, rec)
         else:
-            out.append(Finding("data_wait", OK, round(frac, 4), msg + ": the device is not waiting for data"))
+            return Finding("data_wait", OK, round(frac, 4), msg + ": the device is not waiting for data")
+    return None
 
-    # -- padding -----------------------------------------------------------------------------------------------
+
+def _padding(f: _Facts) -> Finding | None:
+    """Positions computed on padding."""
+    metrics, data_cfg, train_cfg, train = f.metrics, f.data_cfg, f.train_cfg, f.train
     waste = train.get("padding_waste")
     if waste is None and metrics:
         waste = statistics.fmean(m.get("padding", 0) for m in metrics)
@@ -88,26 +142,23 @@ def diagnose(run: RunDir) -> list[Finding]:
                 else "set data.packing: true (examples share rows, no cross-attention; padding drops to a few %) "
                 "or data.group_by_length: true"
             )
-            out.append(Finding("padding", WARN, round(waste, 4), msg, rec))
+            return Finding("padding", WARN, round(waste, 4), msg, rec)
         elif waste > 0.1:
-            out.append(
-                Finding(
-                    "padding",
-                    INFO,
-                    round(waste, 4),
-                    msg + " even with packing (the shortest packed row sets the micro-batch's waste)",
-                    "lower train.micro_batch: fewer rows per micro-batch are padded to the longest one",
-                )
+            return Finding(
+                "padding",
+                INFO,
+                round(waste, 4),
+                msg + " even with packing (the shortest packed row sets the micro-batch's waste)",
+                "lower train.micro_batch: fewer rows per micro-batch are padded to the longest one",
             )
         else:
-            out.append(Finding("padding", OK, round(waste, 4), msg))
+            return Finding("padding", OK, round(waste, 4), msg)
+    return None
 
-    # -- device utilization --------------------------------------------------------------------------------------
-    t_first = (metrics[0].get("elapsed", 0) - metrics[0].get("step_seconds", 0)) if metrics else 0
-    t_last = metrics[-1].get("elapsed", 0) if metrics else 0
-    during = [s for s in system if t_first <= s.get("elapsed", -1) <= t_last + 1] or system
-    gpu_utils = [g["util"] for s in during for g in s.get("gpus", []) if g.get("util") is not None]
-    waiting = any(f.check == "data_wait" and f.status == WARN for f in out)
+
+def _device_utilization(f: _Facts, waiting: bool) -> Finding | None:
+    """GPU busy time (NVML), or CPU cores busy, while training."""
+    tracking, gpu_utils, during = f.tracking, f.gpu_utils, f.during
     if gpu_utils:
         util = statistics.fmean(gpu_utils) / 100
         msg = f"the GPU was busy {_pct(util)} of the time while training (NVML, {len(gpu_utils)} samples)"
@@ -118,9 +169,9 @@ def diagnose(run: RunDir) -> list[Finding]:
                 else "give the GPU more work per step: raise train.micro_batch (see memory headroom), turn on "
                 "data.packing, and use bf16-true precision"
             )
-            out.append(Finding("device_utilization", WARN, round(util, 4), msg, rec))
+            return Finding("device_utilization", WARN, round(util, 4), msg, rec)
         else:
-            out.append(Finding("device_utilization", OK, round(util, 4), msg))
+            return Finding("device_utilization", OK, round(util, 4), msg)
     elif during and tracking.get("torch_threads"):
         threads = tracking["torch_threads"]
         busy = statistics.fmean(s.get("cpu_percent", 0) for s in during) / 100
@@ -132,15 +183,21 @@ def diagnose(run: RunDir) -> list[Finding]:
                 f"the machine's CPUs were {_pct(machine)} busy overall: other processes took the cores this run "
                 "was given; run it alone, or set train.threads to the cores that are actually free"
             )
-            out.append(Finding("device_utilization", WARN, round(frac, 4), msg, rec))
+            return Finding("device_utilization", WARN, round(frac, 4), msg, rec)
         elif frac < 0.6:
             rec = (
                 "the cores idle between matmuls: raise train.micro_batch, or data.max_seq_len with packing "
                 "(bigger matmuls)"
             )
-            out.append(Finding("device_utilization", WARN, round(frac, 4), msg, rec))
+            return Finding("device_utilization", WARN, round(frac, 4), msg, rec)
         else:
-            out.append(Finding("device_utilization", OK, round(frac, 4), msg))
+            return Finding("device_utilization", OK, round(frac, 4), msg)
+    return None
+
+
+def _mfu(f: _Facts) -> Finding | None:
+    """Model FLOPs utilization, median over steps."""
+    tracking, steady, gpu_utils = f.tracking, f.steady, f.gpu_utils
     mfus = [m["mfu"] for m in steady if m.get("mfu") is not None]
     if mfus:
         mfu = statistics.median(mfus)
@@ -148,20 +205,23 @@ def diagnose(run: RunDir) -> list[Finding]:
         msg = f"model FLOPs utilization {_pct(mfu)} (median over steps; peak from {source})"
         on_gpu = bool(gpu_utils) or "datasheet" in str(source)
         if on_gpu and mfu < 0.2:
-            out.append(
-                Finding(
-                    "mfu",
-                    WARN,
-                    round(mfu, 4),
-                    msg,
-                    "small matmuls leave tensor cores idle: raise train.micro_batch, pack sequences, and train in "
-                    "bf16; for LoRA, 30-50 % MFU is reachable on a 7B model",
-                )
+            return Finding(
+                "mfu",
+                WARN,
+                round(mfu, 4),
+                msg,
+                "small matmuls leave tensor cores idle: raise train.micro_batch, pack sequences, and train in "
+                "bf16; for LoRA, 30-50 % MFU is reachable on a 7B model",
             )
         else:
-            out.append(Finding("mfu", INFO if mfu < 0.2 else OK, round(mfu, 4), msg))
+            return Finding("mfu", INFO if mfu < 0.2 else OK, round(mfu, 4), msg)
+    return None
 
-    # -- memory headroom -----------------------------------------------------------------------------------------
+
+def _memory(f: _Facts) -> tuple[Finding | None, float]:
+    """Peak memory against what the device holds; also the peak used (MiB), which the planner check reports."""
+    system, tracking, plan, train_cfg, train = f.system, f.tracking, f.plan, f.train_cfg, f.train
+    found = None
     mb = train_cfg.get("micro_batch")
     if not isinstance(mb, int):  # micro_batch: auto; the summary has what the probe chose
         mb = train.get("micro_batch")
@@ -181,15 +241,13 @@ def diagnose(run: RunDir) -> list[Finding]:
         headroom = 1 - used / total
         msg = f"peak {used / 1024:.1f} of {total / 1024:.1f} GiB {where}: {_pct(max(0.0, headroom))} headroom"
         if headroom < 0.08:
-            out.append(
-                Finding(
-                    "memory_headroom",
-                    WARN,
-                    round(headroom, 4),
-                    msg,
-                    "close to out of memory: set train.gradient_checkpointing: true or lower train.micro_batch "
-                    "(raise train.grad_accum to keep the effective batch)",
-                )
+            found = Finding(
+                "memory_headroom",
+                WARN,
+                round(headroom, 4),
+                msg,
+                "close to out of memory: set train.gradient_checkpointing: true or lower train.micro_batch "
+                "(raise train.grad_accum to keep the effective batch)",
             )
         elif headroom > 0.4 and isinstance(mb, int):
             ckpt = "with" if train_cfg.get("gradient_checkpointing") else "without"
@@ -199,20 +257,24 @@ def diagnose(run: RunDir) -> list[Finding]:
             else:
                 grow = max(mb + 1, int(mb * 0.85 * total / used))
                 how = "a conservative estimate that scales all memory with the batch"
-            out.append(
-                Finding(
-                    "memory_headroom",
-                    INFO,
-                    round(headroom, 4),
-                    msg,
-                    f"memory is not the limit: train.micro_batch {mb} -> about {grow} still fits ({how}); lower "
-                    "train.grad_accum to keep the effective batch (or set micro_batch: auto)",
-                )
+            found = Finding(
+                "memory_headroom",
+                INFO,
+                round(headroom, 4),
+                msg,
+                f"memory is not the limit: train.micro_batch {mb} -> about {grow} still fits ({how}); lower "
+                "train.grad_accum to keep the effective batch (or set micro_batch: auto)",
             )
         else:
-            out.append(Finding("memory_headroom", OK, round(headroom, 4), msg))
+            found = Finding("memory_headroom", OK, round(headroom, 4), msg)
 
-    # -- the planner's prediction -------------------------------------------------------------------------------
+    return found, used
+
+
+def _planner(f: _Facts, waiting: bool, used: float) -> Finding | None:
+    """Measured tokens/s (and peak memory) against the prediction in plan.json."""
+    plan, steady = f.plan, f.steady
+    found = None
     measured_tps = statistics.median([m["tokens_per_s"] for m in steady if m.get("tokens_per_s")] or [0])
     predicted = plan.get("tokens_per_s")
     if predicted is None and plan.get("step_seconds") and steady:
@@ -227,24 +289,27 @@ def diagnose(run: RunDir) -> list[Finding]:
                 else "check device utilization above; if the plan used another device or precision, re-run "
                 "`daytune plan` on this machine"
             )
-            out.append(Finding("planner", WARN, round(ratio, 4), msg, rec))
+            found = Finding("planner", WARN, round(ratio, 4), msg, rec)
         elif ratio > 1.25:
-            out.append(
-                Finding(
-                    "planner",
-                    INFO,
-                    round(ratio, 4),
-                    msg,
-                    "faster than planned: the budget fits more steps or a larger model; re-run `daytune plan` to "
-                    "recalibrate",
-                )
+            found = Finding(
+                "planner",
+                INFO,
+                round(ratio, 4),
+                msg,
+                "faster than planned: the budget fits more steps or a larger model; re-run `daytune plan` to "
+                "recalibrate",
             )
         else:
-            out.append(Finding("planner", OK, round(ratio, 4), msg))
+            found = Finding("planner", OK, round(ratio, 4), msg)
         if plan.get("peak_memory_mb") and used:
-            out[-1].summary += f"; peak memory {used:.0f} MB vs {plan['peak_memory_mb']:.0f} MB predicted"
+            found.summary += f"; peak memory {used:.0f} MB vs {plan['peak_memory_mb']:.0f} MB predicted"
 
-    # -- the budget -------------------------------------------------------------------------------------------------
+    return found
+
+
+def _budget(f: _Facts) -> Finding | None:
+    """Where the train stage's time went, against its budget."""
+    metrics, train, t_first = f.metrics, f.train, f.t_first
     elapsed = train.get("elapsed_seconds")
     if elapsed and metrics:
         trained = train.get("train_seconds") or sum(m.get("step_seconds", 0) for m in metrics)
@@ -265,7 +330,7 @@ def diagnose(run: RunDir) -> list[Finding]:
                 "a shared or slow machine give a longer budget, or lower train.micro_batch / train.grad_accum so "
                 "single steps are short against the budget"
             )
-            out.append(Finding("budget", WARN, round(frac, 4), msg, rec))
+            return Finding("budget", WARN, round(frac, 4), msg, rec)
         elif frac < 0.6:
             rec = (
                 "setup is a fixed cost (loading, tokenizing, starting trackers) that only a short run feels: "
@@ -274,10 +339,10 @@ def diagnose(run: RunDir) -> list[Finding]:
                 else "saving and validation dominate: raise train.checkpoint_every (or a time interval like "
                 "30m) and validate less often (train.eval_every)"
             )
-            out.append(Finding("budget", WARN, round(frac, 4), msg, rec))
+            return Finding("budget", WARN, round(frac, 4), msg, rec)
         else:
-            out.append(Finding("budget", OK, round(frac, 4), msg))
-    return out
+            return Finding("budget", OK, round(frac, 4), msg)
+    return None
 
 
 def format_findings(findings: list[Finding]) -> str:

@@ -170,9 +170,8 @@ def _runs_rows(facts: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for f in facts:
         loss = "-" if f["final_loss"] is None else f"{f['final_loss']:.4f}"
-        model = (
-            Path(str(f["model"])).name if "/" in str(f["model"]) else str(f["model"])
-        )  # a folder: its name
+        # a folder shows as its name
+        model = Path(str(f["model"])).name if "/" in str(f["model"]) else str(f["model"])
         rows.append(
             [f["id"], model, f["method"], f["data"] or "-", f["duration"], f["steps"], loss, f["eval"]]
         )
