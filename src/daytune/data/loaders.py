@@ -321,32 +321,28 @@ _SHAREGPT_ROLES = {
 }
 
 
+# (list field, role key, text key): OpenAI-style messages, then ShareGPT conversations
+_CHAT_LAYOUTS = (("messages", "role", "content"), ("conversations", "from", "value"))
+
+
 def load_messages(files, name, opts, policy, out: Loaded) -> None:
     """Chat rows: {messages: [{role, content}]} (OpenAI style) or {conversations: [{from, value}]} (ShareGPT)."""
 
     def convert(where, obj, n):
-        if "messages" in obj:
-            raw = obj["messages"]
-            if not isinstance(raw, list):
-                raise RowError(f"{where}: 'messages' must be a list")
-            turns = []
-            for i, m in enumerate(raw):
-                if not isinstance(m, dict):
-                    raise RowError(f"{where}: messages[{i}] must be an object with role and content")
-                turns.append((m.get("role"), m.get("content"), i))
-        elif "conversations" in obj:
-            raw = obj["conversations"]
-            if not isinstance(raw, list):
-                raise RowError(f"{where}: 'conversations' must be a list")
-            turns = []
-            for i, m in enumerate(raw):
-                if not isinstance(m, dict):
-                    raise RowError(f"{where}: conversations[{i}] must be an object with from and value")
-                turns.append((m.get("from"), m.get("value"), i))
-        else:
+        layout = next((lay for lay in _CHAT_LAYOUTS if lay[0] in obj), None)
+        if layout is None:
             raise RowError(
                 f"{where}: expected 'messages' or 'conversations' (fields present: {', '.join(sorted(obj))})"
             )
+        key, role_key, text_key = layout
+        raw = obj[key]
+        if not isinstance(raw, list):
+            raise RowError(f"{where}: '{key}' must be a list")
+        turns = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise RowError(f"{where}: {key}[{i}] must be an object with {role_key} and {text_key}")
+            turns.append((m.get(role_key), m.get(text_key), i))
         messages = []
         for role, content, i in turns:
             mapped = _SHAREGPT_ROLES.get(str(role).lower()) if role is not None else None
