@@ -15,7 +15,7 @@ from daytune.config import load_run_config
 from daytune.data.heldout import UNSEEN_TASKS
 from daytune.errors import ConfigError
 from daytune.eval import metrics as M
-from daytune.eval.lm import LM, Generation, GenerateRequest, LoglikelihoodResult, LocalLM, Usage
+from daytune.eval.lm import LM, GenerateRequest, Generation, LocalLM, LoglikelihoodResult, Usage
 from daytune.eval.scenarios import DataRoot
 from daytune.eval.scenarios.sni import SNI, label_set
 from daytune.eval.suites import run_suite, suite_plan
@@ -96,10 +96,14 @@ def test_sni_scenario_scores_by_hand(tmp_path):
     assert m["valid_label"] == 1.0 and m["rouge_l"] == pytest.approx(1 / 4)  # 'yes' vs 'yes': 1; vs 'no': 0
     assert m["truncated"] == pytest.approx(1 / 5)  # one prompt of five was cut
     # Tk-Instruct's zero-shot encoding: no positive example, the definition ends with a full stop
-    assert example["prompt"].startswith("Definition: Answer yes or no.\n\nNow complete the following example -")
+    assert example["prompt"].startswith(
+        "Definition: Answer yes or no.\n\nNow complete the following example -"
+    )
     assert any(p.endswith("Input: one.\nOutput:") for p in lm.prompts)
     s.shots = 1
-    assert "Positive Example 1 -\nInput: example in.\nOutput: example out.\n\n" in scen._tasks["task_x"].prompt("q", 1)
+    assert "Positive Example 1 -\nInput: example in.\nOutput: example out.\n\n" in scen._tasks[
+        "task_x"
+    ].prompt("q", 1)
 
 
 def test_local_backend_counts_cut_prompts(tiny_model):
@@ -125,7 +129,9 @@ def test_unseen_suite_runs_on_the_tiny_model(tiny_model, shared_data):
     assert "task1388_cb_entailment" in labelled and len(labelled) >= 4
     # the tiny model's context is 512 tokens: some prompts are cut, and the results say how many
     assert sc["truncated"] == sc["efficiency"]["truncated_requests"] > 0
-    assert sum(row["truncated"] for row in sc["by_task"].values()) == round(sc["metrics"]["truncated"]["value"] * sc["n"])
+    assert sum(row["truncated"] for row in sc["by_task"].values()) == round(
+        sc["metrics"]["truncated"]["value"] * sc["n"]
+    )
 
 
 # ---- held out by task, and by Source -------------------------------------------------------------------------
@@ -161,18 +167,26 @@ def _data_recipe(tmp_path: Path, model_dir: Path, shared: Path, **fields) -> Pat
             {
                 "heldout_tasks": ["task753_svamp_addition_question_answering"],
                 "sources": [
-                    {"source": "natural_instructions", "tasks": ["task752_svamp_multiplication_question_answering"]}
+                    {
+                        "source": "natural_instructions",
+                        "tasks": ["task752_svamp_multiplication_question_answering"],
+                    }
                 ],
             },
             r"sources\[0\]\.tasks: .*task752.* shares its Source \(svamp\) with held-out task task753",
         ),
         (
-            {"heldout_tasks": ["unseen"], "sources": [{"source": "natural_instructions", "path": "TASK_FILE"}]},
+            {
+                "heldout_tasks": ["unseen"],
+                "sources": [{"source": "natural_instructions", "path": "TASK_FILE"}],
+            },
             r"sources\[0\]\.path: task 'task1388_cb_entailment' is held out",
         ),
     ],
 )
-def test_held_out_tasks_in_the_mix_are_refused(tmp_path, tiny_model_dir, shared_data, capsys, fields, message):
+def test_held_out_tasks_in_the_mix_are_refused(
+    tmp_path, tiny_model_dir, shared_data, capsys, fields, message
+):
     for s in fields.get("sources", []):
         if s.get("path") == "TASK_FILE":
             s["path"] = str(shared_data / "natural_instructions" / "task1388_cb_entailment.json")
@@ -240,7 +254,9 @@ def test_a_runs_unseen_suite_is_held_out_of_its_data(tmp_path, tiny_recipe, shar
     spec["sources"][0]["tasks"] = ["task13*"]  # task134, task1382 (quarel), task1388 (cb), task1393 (copa)
     data.write_text(yaml.safe_dump(spec))
     cfg = load_run_config(tiny_recipe(data={"prepare": str(data), "train": None, "max_seq_len": 2048}))
-    card = prepare_recipe_data(cfg, tmp_path / "prepared", Reporter(quiet=True), [("unseen", str(shared_data))])
+    card = prepare_recipe_data(
+        cfg, tmp_path / "prepared", Reporter(quiet=True), [("unseen", str(shared_data))]
+    )
     assert card["heldout"]["tasks"] == list(UNSEEN_TASKS)
     rows = [json.loads(x) for x in (tmp_path / "prepared" / "train.jsonl").read_text().splitlines()]
     trained = {"task1382_quarel_write_correct_answer", "task134_winowhy_reason_generation"}
