@@ -174,3 +174,52 @@ def test_a_second_process_joins_the_study_through_its_storage_url(tmp_path, tiny
     workers = {t.user_attrs.get("worker") for t in study.trials}
     assert len(workers) == 2 and len({t.number for t in study.trials}) == len(study.trials)
     assert study.user_attrs["sweep"]["deadline"] - study.user_attrs["sweep"]["started"] == 80
+
+
+def test_a_sweep_never_tunes_on_its_test_tasks(tmp_path, tiny_recipe, shared_data, capsys):
+    path = _sweep_file(
+        tmp_path,
+        tiny_recipe,
+        objective={"suite": "unseen", "tasks": ["task1388_cb_entailment"], "data_root": str(shared_data)},
+        test={"suite": "unseen", "data_root": str(shared_data)},
+    )
+    assert main(["sweep", str(path)]) == 2
+    assert "test.tasks: the objective scores task1388_cb_entailment too" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_mix_weights_are_searched_on_data_prepared_once_per_mix(tmp_path, tiny_recipe, monkeypatch):
+    """A data_recipe field in the space: each distinct mix is prepared once into the sweep folder, and each trial
+    trains on the data of its own parameters."""
+    import daytune.sweep.runner as runner
+
+    def enqueue(sw, study, reporter):
+        for w in (1.0, 0.5, 1.0):
+            study.enqueue_trial({"data_recipe.sources.0.weight": w})
+
+    monkeypatch.setattr(runner, "enqueue_starting_recipe", enqueue)
+    recipe = tiny_recipe(
+        data={"prepare": str(ROOT / "examples" / "quickstart-data.yaml"), "train": None, "max_rows": None},
+        train={"max_steps": 2, "budget": "5m", "eval_every": 1},
+        eval={},
+    )
+    spec = {
+        "name": "mix",
+        "recipe": str(recipe),
+        "budget": "15m",
+        "trials": 3,
+        "objective": {"suite": "val_loss"},
+        "pruner": {"kind": "none"},
+        "space": {"data_recipe.sources.0.weight": {"choices": [0.5, 1.0]}},
+        "out_dir": str(tmp_path / "sweeps"),
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["--quiet", "sweep", str(path)]) == 0
+    (folder,) = (tmp_path / "sweeps").iterdir()
+    trials = _state(folder)["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    data = [Path(load_run_config(Path(t["run_dir"]) / "config.yaml").data.train) for t in trials]
+    assert data[0] == data[2] != data[1] and all(d.parent == folder / "data" for d in data)
+    gsm8k = [json.loads((d / "data_card.json").read_text())["sources"][0]["rows"]["selected"] for d in data]
+    assert gsm8k[1] == round(gsm8k[0] * 0.5)  # the weight sampled half of the cleaned rows

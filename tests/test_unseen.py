@@ -255,9 +255,36 @@ def test_a_runs_unseen_suite_is_held_out_of_its_data(tmp_path, tiny_recipe, shar
     data.write_text(yaml.safe_dump(spec))
     cfg = load_run_config(tiny_recipe(data={"prepare": str(data), "train": None, "max_seq_len": 2048}))
     card = prepare_recipe_data(
-        cfg, tmp_path / "prepared", Reporter(quiet=True), [("unseen", str(shared_data))]
+        cfg, tmp_path / "prepared", Reporter(quiet=True), [("unseen", str(shared_data), None)]
     )
     assert card["heldout"]["tasks"] == list(UNSEEN_TASKS)
     rows = [json.loads(x) for x in (tmp_path / "prepared" / "train.jsonl").read_text().splitlines()]
     trained = {"task1382_quarel_write_correct_answer", "task134_winowhy_reason_generation"}
     assert {r["meta"]["task"] for r in rows} == trained  # task13* less cb (1388) and copa (1393)
+
+
+def test_validation_tasks_are_held_out_but_not_scored_as_unseen(
+    tmp_path, tiny_model_dir, tiny_recipe, shared_data
+):
+    from daytune.data.prepare import prepare
+    from daytune.data.recipe import load_data_recipe
+    from daytune.pipeline import run_suite_plan
+
+    recipe = _data_recipe(
+        tmp_path,
+        tiny_model_dir,
+        shared_data,
+        heldout_tasks=["task753_svamp_addition_question_answering"],
+        validation_tasks=["task1388_cb_entailment"],
+    )
+    spec = yaml.safe_load(recipe.read_text())
+    spec["sources"][0]["tasks"].append("task1382*")
+    recipe.write_text(yaml.safe_dump(spec))
+    card = prepare(load_data_recipe(recipe), tmp_path / "out")
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert {r["meta"]["task"] for r in rows} == {"task1382_quarel_write_correct_answer"}
+    assert card["heldout"]["tasks"] == ["task753_svamp_addition_question_answering"]
+    assert card["heldout"]["validation_tasks"] == ["task1388_cb_entailment"]
+    cfg = load_run_config(tiny_recipe(data={"train": str(tmp_path / "out")}))
+    ((_, settings),) = run_suite_plan(cfg, "unseen")  # the test tasks only: a sweep tuned on the others
+    assert settings.subjects == ["task753_svamp_addition_question_answering"]

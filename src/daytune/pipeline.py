@@ -73,7 +73,7 @@ def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
             raise ConfigError(
                 "data: set either data.train (a JSONL or prepared folder) or data.prepare, not both"
             )
-        suites = [(cfg.eval.suite, cfg.eval.data_root)] if cfg.eval.suite else []
+        suites = [(cfg.eval.suite, cfg.eval.data_root, None)] if cfg.eval.suite else []
         prepare_recipe_data(cfg, run.path / "data", reporter, suites)
         cfg.data.train = str(run.path / "data")
     if cfg.data.train and Path(cfg.data.train).exists() and not cfg.data.fingerprint:
@@ -82,12 +82,19 @@ def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
 
 
 def prepare_recipe_data(
-    cfg: RunConfig, out: Path, reporter: Reporter, suites: list[tuple[str, str | None]], overrides=()
+    cfg: RunConfig,
+    out: Path,
+    reporter: Reporter,
+    suites: list[tuple[str, str | None, list[str] | None]],
+    overrides=(),
+    validation_tasks: list[str] = (),
 ) -> dict:
     """Prepare the run's data recipe (`data.prepare`, with `overrides`) into `out` with the run's model, template
-    and length, decontaminated against the run's eval files and the data of `suites` ((suite, data root) pairs the
-    run will be scored on). A suite with unseen SNI tasks holds them out when the recipe names none itself.
-    Returns the data card."""
+    and length, decontaminated against the run's eval files and the data of `suites` ((suite, data root, SNI
+    tasks or None for the suite's own) the run will be scored on). The suites' SNI tasks join the recipe's
+    heldout_tasks (those in `validation_tasks`, a sweep's objective, join its validation_tasks). Returns the data
+    card."""
+    from daytune.data.heldout import expand
     from daytune.data.prepare import prepare
     from daytune.data.recipe import load_data_recipe
     from daytune.eval.suites import sni_tasks, suite_data_root, suite_plan
@@ -96,12 +103,14 @@ def prepare_recipe_data(
     # the run's model, template and length decide tokens and filters, so they apply to the data stage too
     recipe.model, recipe.template = cfg.model, cfg.data.template
     recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
-    if not recipe.heldout_tasks:  # the run's own unseen tasks are never trained on
-        recipe.heldout_tasks = [t for suite, _ in suites for t in sni_tasks(suite_plan(suite))]
+    scored = [t for suite, _, tasks in suites for t in (tasks or sni_tasks(suite_plan(suite)))]
+    val = list(dict.fromkeys([*recipe.validation_tasks, *validation_tasks]))
+    test = [t for t in dict.fromkeys(expand([*recipe.heldout_tasks, *scored])) if t not in val]
+    recipe.heldout_tasks, recipe.validation_tasks = test, val  # never train on either
     evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
     reporter.log(f"Preparing data from {cfg.data.prepare}...")
     # the sets the run will be scored on, wherever the default datasets folder is
-    suite_dirs = list(dict.fromkeys(suite_data_root(suite, root) for suite, root in suites))
+    suite_dirs = list(dict.fromkeys(suite_data_root(suite, root) for suite, root, _ in suites))
     card = prepare(
         recipe,
         out,
@@ -125,13 +134,14 @@ def data_card(cfg: RunConfig) -> dict:
     return json.loads(card.read_text(encoding="utf-8"))
 
 
-def run_suite_plan(cfg: RunConfig, suite: str, scenarios=None, max_instances=None) -> list:
-    """The plan of `suite` for a run: its SNI scenario evaluates the tasks the run's data held out; an SNI task
-    the run trained on is refused, since it would be scored as unseen."""
+def run_suite_plan(cfg: RunConfig, suite: str, scenarios=None, max_instances=None, tasks=None) -> list:
+    """The plan of `suite` for a run: its SNI scenario evaluates `tasks`, else the tasks the run's data held out;
+    an SNI task the run trained on is refused, since it would be scored as unseen."""
     from daytune.eval.suites import sni_tasks, suite_plan, with_tasks
 
     card = data_card(cfg)
-    plan = with_tasks(suite_plan(suite, scenarios, max_instances), (card.get("heldout") or {}).get("tasks"))
+    tasks = tasks or (card.get("heldout") or {}).get("tasks")
+    plan = with_tasks(suite_plan(suite, scenarios, max_instances), tasks)
     trained = {t for s in card.get("sources", []) for t in s.get("task_licences", {})}
     seen = [t for t in sni_tasks(plan) if t in trained]
     if seen:
@@ -278,7 +288,7 @@ def score_model(
     lm = LocalLM.load(cfg.model, trained, batch, log=reporter.log)
     summaries = {}
     for label, req in requests.items():
-        plan = req.plan or run_suite_plan(cfg, req.suite, req.scenarios, req.max_instances)
+        plan = req.plan or run_suite_plan(cfg, req.suite, req.scenarios, req.max_instances, req.tasks)
         res = run_suite(lm, req.suite, req.data_root, bootstrap=req.bootstrap, log=reporter.log, plan=plan)
         res["title"] = label
         write_results(res, out / label)
@@ -356,6 +366,7 @@ class SuiteRequest:
     bootstrap: int = 1000
     batch_size: int = 8  # requests per forward pass of a local model
     plan: list | None = None  # the suite's plan for a run (run_suite_plan: its held-out tasks)
+    tasks: list[str] | None = None  # SNI tasks to score (default: the run's held-out tasks, or the suite's)
 
 
 def evaluate_suite(

@@ -166,11 +166,18 @@ def _md_sources(card: dict[str, Any]) -> list[str]:
 def _md_heldout(card: dict[str, Any]) -> list[str]:
     """The tasks this data never trains on (heldout_tasks) and the ones refused with them."""
     held = card.get("heldout") or {}
-    if not held.get("tasks"):
+    val = held.get("validation_tasks") or []
+    if not held.get("tasks") and not val:
         return []
-    out = ["## Held-out tasks", "", "Never trained on; evaluate them as unseen tasks (`--suite unseen`).", ""]
-    rows = [[t, ", ".join(held["sources"].get(t, []))] for t in held["tasks"]]
-    out += [_table(["task", "Source"], rows), ""]
+    out = [
+        "## Held-out tasks",
+        "",
+        "Never trained on: the test tasks are what `--suite unseen` scores; a sweep tunes on",
+    ]
+    out += ["the validation tasks.", ""]
+    rows = [[t, "test", ", ".join(held["sources"].get(t, []))] for t in held.get("tasks", [])]
+    rows += [[t, "validation", ", ".join(held["sources"].get(t, []))] for t in val]
+    out += [_table(["task", "role", "Source"], rows), ""]
     siblings = held.get("same_source_as") or {}
     if siblings:
         out += [

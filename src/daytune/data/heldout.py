@@ -1,7 +1,9 @@
 """Tasks held out of training, so that evaluation on them measures what a model does on tasks it never saw.
 
 A data recipe's `heldout_tasks:` names Super-NaturalInstructions tasks (their file names without `.json`; `unseen`
-stands for the evaluation suite's default set below). The data stage refuses to train on them, by task and by
+stands for the evaluation suite's default set below): the tasks a run's `unseen` suite scores. `validation_tasks:`
+are held out the same way but never scored as the test: a sweep tunes on them (its objective), so its test tasks
+stay untouched by the search. The data stage refuses to train on either, by task and by
 `Source`: every other task built from the same source dataset is refused too (two tasks from one source count as
 one), since its instances would leak into the held-out one. Naming a refused task explicitly in a source
 (`tasks:` or `path:`) is an error; a folder or a wildcard pattern that would include one leaves it out and the
@@ -38,6 +40,7 @@ UNSEEN_TASKS: tuple[str, ...] = (
 )
 ALIAS = "unseen"  # in heldout_tasks: the UNSEEN_TASKS above
 HELD_OUT = "held out (heldout_tasks)"
+VALIDATION = "held out (validation_tasks)"
 SAME_SOURCE = "same Source as a held-out task"
 SNI_FOLDER = "natural_instructions"  # where a datasets folder keeps the SNI task files
 
@@ -97,7 +100,8 @@ def task_index(places: list[Path]) -> dict[str, TaskInfo]:
 
 @dataclass
 class HeldOut:
-    tasks: list[str] = field(default_factory=list)  # the held-out tasks, as named (alias expanded)
+    tasks: list[str] = field(default_factory=list)  # the held-out (test) tasks, as named (alias expanded)
+    validation: list[str] = field(default_factory=list)  # held out for tuning, not scored as unseen
     refused: dict[str, str] = field(default_factory=dict)  # every task the data stage refuses -> the reason
     because: dict[str, str] = field(
         default_factory=dict
@@ -107,7 +111,8 @@ class HeldOut:
     def card(self) -> dict:
         return {
             "tasks": self.tasks,
-            "sources": {t: sorted(self.index[t].sources) for t in self.tasks},
+            "validation_tasks": self.validation,
+            "sources": {t: sorted(self.index[t].sources) for t in self.tasks + self.validation},
             "refused": dict(sorted(self.refused.items())),
             "same_source_as": dict(sorted(self.because.items())),
         }
@@ -120,23 +125,26 @@ def expand(names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def resolve(names: list[str], places: list[Path]) -> HeldOut:
-    """The held-out tasks and every task refused with them; an unknown name is an error naming the field."""
-    if not names:
+def resolve(names: list[str], places: list[Path], validation: list[str] = ()) -> HeldOut:
+    """The held-out tasks (and validation tasks) and every task refused with them; an unknown name is an error
+    naming the field."""
+    if not names and not validation:
         return HeldOut()
     index = task_index(places)
-    tasks = expand(names)
-    for i, name in enumerate(tasks):
-        if name not in index:
-            near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.5)
-            where = ", ".join(str(p) for p in places) or "no folder"
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise ConfigError(
-                f"heldout_tasks[{i}]: unknown task '{name}': no Super-NaturalInstructions task file "
-                f"{name}.json in {where}{hint} (set datasets_dir to the folder that holds {SNI_FOLDER}/)"
-            )
-    held = HeldOut(tasks, {t: HELD_OUT for t in tasks}, {}, index)
-    for t in tasks:
+    tasks, val = expand(names), [t for t in expand(list(validation)) if t not in expand(names)]
+    for field_name, given in (("heldout_tasks", tasks), ("validation_tasks", val)):
+        for i, name in enumerate(given):
+            if name not in index:
+                near = difflib.get_close_matches(name, list(index), n=3, cutoff=0.5)
+                where = ", ".join(str(p) for p in places) or "no folder"
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise ConfigError(
+                    f"{field_name}[{i}]: unknown task '{name}': no Super-NaturalInstructions task file "
+                    f"{name}.json in {where}{hint} (set datasets_dir to the folder that holds {SNI_FOLDER}/)"
+                )
+    refused = {t: HELD_OUT for t in tasks} | {t: VALIDATION for t in val}
+    held = HeldOut(tasks, val, refused, {}, index)
+    for t in tasks + val:
         for other, info in index.items():
             if other not in held.refused and info.sources & index[t].sources:
                 held.refused[other] = SAME_SOURCE
@@ -162,6 +170,8 @@ def check_sources(held: HeldOut, sources: list, formats: list[str]) -> None:
                 why = (
                     "it is in heldout_tasks"
                     if held.refused[task] == HELD_OUT
+                    else "it is in validation_tasks"
+                    if held.refused[task] == VALIDATION
                     else f"it shares its Source ({', '.join(sorted(held.index[task].sources))}) with held-out "
                     f"task {held.because[task]}"
                 )
@@ -174,7 +184,7 @@ def check_sources(held: HeldOut, sources: list, formats: list[str]) -> None:
 def heldout_items(held: HeldOut) -> list[tuple[str, str]]:
     """The held-out tasks' instances as decontamination items: (reference, input + first output)."""
     items = []
-    for t in held.tasks:
+    for t in held.tasks + held.validation:
         obj = json.loads(held.index[t].path.read_text(encoding="utf-8"))
         for i, inst in enumerate(obj.get("Instances") or []):
             if isinstance(inst, dict):

@@ -223,12 +223,13 @@ def _eval_index(
         items = list(daytune_eval_file(path))  # references read "file.jsonl:line"
         index.add(path.name, items)
         info["checked"].append({"name": path.name, "items": len(items), "files": 1, "from": str(path)})
-    if held is not None and held.tasks:  # no other source may bring the held-out tasks' instances back
+    named = (held.tasks + held.validation) if held is not None else []
+    if named:  # no other source may bring the held-out tasks' instances back
         items = heldout.heldout_items(held)
         index.add("heldout_tasks", items)
-        where = str(held.index[held.tasks[0]].path.parent)
+        where = str(held.index[named[0]].path.parent)
         info["checked"].append(
-            {"name": "heldout_tasks", "items": len(items), "files": len(held.tasks), "from": where}
+            {"name": "heldout_tasks", "items": len(items), "files": len(named), "from": where}
         )
     index.build()
     info["ngrams_indexed"] = index.n_ngrams
@@ -303,7 +304,7 @@ def resolve_heldout(recipe: DataRecipe, datasets_dir: Path, extra_dirs: list[Pat
     formats = [format_of(s) for s in recipe.sources]
     places = [Path(s.path) for s, fmt in zip(recipe.sources, formats) if fmt == "sni" and s.path]
     places += [d / heldout.SNI_FOLDER for d in dict.fromkeys([datasets_dir, *extra_dirs])]
-    held = heldout.resolve(recipe.heldout_tasks, places)
+    held = heldout.resolve(recipe.heldout_tasks, places, recipe.validation_tasks)
     heldout.check_sources(held, recipe.sources, formats)
     return held
 

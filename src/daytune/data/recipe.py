@@ -91,6 +91,8 @@ class DataRecipe:
     # Super-NaturalInstructions tasks never to train on (and every task sharing their `Source`); `unseen` is the
     # evaluation suite's default set. See data/heldout.py.
     heldout_tasks: list[str] = field(default_factory=list)
+    # held out the same way, for tuning (a sweep's objective), and never scored by the unseen suite
+    validation_tasks: list[str] = field(default_factory=list)
     allow_llm_generated: bool = False
     allow_noncommercial: bool = False
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -124,9 +126,13 @@ class DataRecipe:
                 raise ConfigError(
                     f"decontaminate.eval_sets: unknown set '{s}' (known: all, {', '.join(EVAL_SETS)})"
                 )
-        for i, t in enumerate(self.heldout_tasks):
-            if not t.strip() or any(ch in t for ch in "*?["):
-                raise ConfigError(f"heldout_tasks[{i}]: give a task name (no patterns), got {t!r}")
+        for name, tasks in (
+            ("heldout_tasks", self.heldout_tasks),
+            ("validation_tasks", self.validation_tasks),
+        ):
+            for i, t in enumerate(tasks):
+                if not t.strip() or any(ch in t for ch in "*?["):
+                    raise ConfigError(f"{name}[{i}]: give a task name (no patterns), got {t!r}")
         labels = set()
         for i, s in enumerate(self.sources):
             where = f"sources[{i}]"

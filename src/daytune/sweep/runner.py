@@ -316,7 +316,12 @@ def _suite_of(sw: Sweep, label: str) -> SuiteSpec:
 def _requests(sw: Sweep, cfg: RunConfig) -> dict[str, SuiteRequest]:
     return {
         label: SuiteRequest(
-            s.suite, s.scenarios, s.max_instances, s.data_root, batch_size=cfg.eval.batch_size
+            s.suite,
+            s.scenarios,
+            s.max_instances,
+            s.data_root,
+            batch_size=cfg.eval.batch_size,
+            tasks=s.sni_tasks() or None,
         )
         for label, s in sw.suites().items()
     }
@@ -330,7 +335,7 @@ def _data_key(sw: Sweep, cfg: RunConfig, data_overrides: list[str]) -> str:
         "template": cfg.data.template,
         "max_seq_len": cfg.data.max_seq_len,
         "system_prompt": cfg.data.system_prompt,
-        "suites": sorted((s.suite, s.data_root or "") for s in sw.suites().values()),
+        "suites": sorted((s.suite, s.data_root or "", *s.sni_tasks()) for s in sw.suites().values()),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -345,8 +350,9 @@ def _with_data(sw: Sweep, cfg: RunConfig, data_overrides: list[str], reporter: R
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "data_card.json").is_file():
-            suites = [(s.suite, s.data_root) for s in sw.suites().values()]
-            prepare_recipe_data(cfg, folder, reporter, suites, data_overrides)
+            suites = [(s.suite, s.data_root, s.sni_tasks() or None) for s in sw.suites().values()]
+            val = sw.spec.objective.sni_tasks()  # tuned on: held out, never scored as the test
+            prepare_recipe_data(cfg, folder, reporter, suites, data_overrides, val)
     cfg.data.train, cfg.data.prepare, cfg.data.fingerprint = str(folder), None, None
     return cfg
 

@@ -45,9 +45,19 @@ class SuiteSpec:
     scenarios: list[str] | None = None
     max_instances: int | None = None
     data_root: str | None = None
-    direction: str | None = (
-        None  # maximize | minimize; default: the metric's own (lower loss, higher accuracy)
-    )
+    # maximize | minimize; default: the metric's own (lower loss, higher accuracy)
+    direction: str | None = None
+    # SNI tasks of the suite's sni scenario (default: the suite's own). The data stage holds them out: validation
+    # tasks for the objective, other unseen tasks for the test, so the sweep never tunes on its test tasks.
+    tasks: list[str] | None = None
+
+    def sni_tasks(self) -> list[str]:
+        """The SNI tasks this suite scores ([] without an SNI scenario)."""
+        from daytune.eval.suites import sni_tasks, suite_plan, with_tasks
+
+        if self.suite == VAL_LOSS:
+            return []
+        return sni_tasks(with_tasks(suite_plan(self.suite, self.scenarios), self.tasks))
 
 
 @dataclass
@@ -252,6 +262,12 @@ def check(spec: SweepSpec, base: Path) -> tuple[list[Dim], RunConfig]:
     check_suite("objective", spec.objective, allow_val_loss=True)
     if spec.test is not None:
         check_suite("test", spec.test, allow_val_loss=False)
+        shared = set(spec.objective.sni_tasks()) & set(spec.test.sni_tasks())
+        if shared:
+            raise ConfigError(
+                f"test.tasks: the objective scores {', '.join(sorted(shared))} too: a sweep must not tune on its "
+                "test tasks; give objective.tasks (validation tasks) or test.tasks another set"
+            )
     dims = [check_dim(spec, cfg, key, body) for key, body in spec.space.items()]
     return dims, cfg
 
@@ -297,6 +313,15 @@ def check_suite(where: str, s: SuiteSpec, allow_val_loss: bool) -> None:
         raise ConfigError(
             f"{where}.suite: {str(e).replace('--suite ', '').replace('--scenarios', 'scenarios')}"
         ) from None
+    if s.tasks:
+        from daytune.eval.suites import suite_data_root
+
+        if "sni" not in [n for n, _ in plan]:
+            raise ConfigError(f"{where}.tasks: suite {s.suite} has no SNI scenario to give tasks to")
+        root = suite_data_root(s.suite, s.data_root) / "natural_instructions"
+        for i, t in enumerate(s.tasks):
+            if not (root / f"{t}.json").is_file():
+                raise ConfigError(f"{where}.tasks[{i}]: unknown task '{t}' (no {t}.json in {root})")
     if s.metric is not None:
         have = [n for n, _ in plan if s.metric in SCENARIOS[n].metrics]
         if not have:
