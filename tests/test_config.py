@@ -145,7 +145,8 @@ def test_example_sweep_files_validate(sweep, shared_data):
 
     from daytune.sweep import load_sweep
 
-    spec, dims, cfg = load_sweep(EXAMPLES / sweep)  # fields exist, ranges are not empty, values pass the recipe
+    # fields exist, ranges are not empty, values pass the recipe
+    spec, dims, cfg = load_sweep(EXAMPLES / sweep)
     assert dims and cfg.train.method and spec.test is not None
 
 
