@@ -48,7 +48,9 @@ def add_parser(sub) -> None:
         "--with-base", action="store_true", help="with an adapter: also evaluate the base model, and compare"
     )
     sp.add_argument(
-        "--suite", default="quick", help="quick (default), competition-open, full or unseen (held-out SNI tasks)"
+        "--suite",
+        default="quick",
+        help="quick (default), competition-open, full or unseen (held-out SNI tasks)",
     )
     sp.add_argument(
         "--scenarios", help="only these scenarios, comma-separated (mmlu,truthfulqa,bbq,gsm8k,xsum,...)"
