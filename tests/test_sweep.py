@@ -223,3 +223,21 @@ def test_mix_weights_are_searched_on_data_prepared_once_per_mix(tmp_path, tiny_r
     assert data[0] == data[2] != data[1] and all(d.parent == folder / "data" for d in data)
     gsm8k = [json.loads((d / "data_card.json").read_text())["sources"][0]["rows"]["selected"] for d in data]
     assert gsm8k[1] == round(gsm8k[0] * 0.5)  # the weight sampled half of the cleaned rows
+
+
+def test_the_starting_recipe_is_the_first_trial_when_it_lies_in_the_space(tmp_path, tiny_recipe):
+    from daytune.sweep.spec import load_sweep, starting_point
+
+    space = {
+        "train.lr": {"low": 1.0e-4, "high": 1.0e-2},
+        "train.lora.targets": {"choices": ["all-linear", "attention"]},
+    }
+    path = _sweep_file(tmp_path, tiny_recipe, space=space, set=["train.lora.targets=attention"])
+    spec, dims, cfg = load_sweep(path)
+    # the recipe reads `attention` as the list [attention]: the choice that reads the same is the recipe's
+    assert starting_point(spec, cfg, dims) == ({"train.lr": 1e-3, "train.lora.targets": "attention"}, None)
+    space["train.lr"] = {"low": 1.0e-2, "high": 1.0e-1}
+    spec, dims, cfg = load_sweep(
+        _sweep_file(tmp_path, tiny_recipe, space=space, set=["train.lora.targets=attention"])
+    )
+    assert starting_point(spec, cfg, dims) == ({}, "train.lr (0.001)")

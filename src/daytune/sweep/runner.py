@@ -18,6 +18,7 @@ attributes, so every worker keeps the same promise.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -162,6 +163,11 @@ def start_sweep(
         reporter.print(f"{len(procs)} more worker process(es): logs in {folder}/worker-*.log")
     try:
         work(sw, study, reporter, worker=0)
+    except (
+        KeyboardInterrupt
+    ):  # the running trial saved its model; the table and best.yaml say where things stand
+        reporter.print(summaries.text(_write_state(sw, study)), markup=False)
+        raise
     finally:
         for p in procs:
             p.wait()
@@ -285,7 +291,7 @@ def calibrate(sw: Sweep, study, reporter: Reporter) -> None:
     """Prepare the base recipe's data and score the base model on the objective and test suites: the reference
     values, and the time one evaluation takes, which every trial keeps in reserve."""
     t = time.time()
-    cfg = _with_data(sw, sw.cfg, [], reporter)
+    cfg = _with_data(sw, copy.deepcopy(sw.cfg), [], reporter)  # sw.cfg stays the recipe as written
     data_seconds = time.time() - t
     t = time.time()
     base = {}
@@ -514,23 +520,12 @@ def score_trial(sw: Sweep, trial, cfg: RunConfig, run: RunDir, result, reporter:
 def enqueue_starting_recipe(sw: Sweep, study, reporter: Reporter) -> None:
     """The first trial is the hand-written recipe itself (when its values lie in the space), so the sweep shows
     whether its best trial beats it."""
-    from daytune.data.recipe import load_data_recipe
-    from daytune.sweep.spec import DATA_PREFIX, _field
+    from daytune.sweep.spec import starting_point
 
-    params = {}
-    data_recipe = load_data_recipe(sw.cfg.data.prepare) if sw.cfg.data.prepare else None
-    for d in sw.dims:
-        target, key = (
-            (data_recipe, d.key[len(DATA_PREFIX) :]) if d.key.startswith(DATA_PREFIX) else (sw.cfg, d.key)
-        )
-        value, _ = _field(target, key)
-        value = json.dumps(value) if isinstance(value, (list, dict)) else value
-        if not d.contains(value):
-            reporter.log(
-                f"The recipe's {d.key} ({value!r}) is outside the space: no trial of the starting recipe."
-            )
-            return
-        params[d.key] = value
+    params, outside = starting_point(sw.spec, sw.cfg, sw.dims)
+    if outside:
+        reporter.log(f"The recipe's {outside} lies outside the space: no trial of the starting recipe.")
+        return
     study.enqueue_trial(params, user_attrs={"starting_recipe": True})
 
 

@@ -378,3 +378,31 @@ def check_dim(spec: SweepSpec, cfg: RunConfig, key: str, body: Any) -> Dim:
         except ConfigError as e:
             raise ConfigError(f"{where}: the value {value!r} is refused: {e}") from None
     return dim
+
+
+def _recipe_field(spec: SweepSpec, cfg: RunConfig, key: str, value: Any = None, probe: bool = False) -> Any:
+    """A field's value in the recipe as written (probe: with `value` applied and coerced as a trial would)."""
+    from daytune.data.recipe import load_data_recipe
+
+    run, data = split_params({key: value}) if probe else ([], [])
+    if key.startswith(DATA_PREFIX):
+        return _field(load_data_recipe(cfg.data.prepare, data), key[len(DATA_PREFIX) :])[0]
+    return _field(load_run_config(spec.recipe, [*spec.set, *run]) if probe else cfg, key)[0]
+
+
+def starting_point(spec: SweepSpec, cfg: RunConfig, dims: list[Dim]) -> tuple[dict[str, Any], str | None]:
+    """The recipe's own values as trial parameters, or the first field whose value lies outside the space. A
+    choice matches when the recipe reads the same with it (`targets: all-linear` is the list [all-linear])."""
+    params: dict[str, Any] = {}
+    for d in dims:
+        current = _recipe_field(spec, cfg, d.key)
+        if d.kind == "categorical":
+            match = [c for c in d.choices if _recipe_field(spec, cfg, d.key, c, probe=True) == current]
+            if not match:
+                return {}, f"{d.key} ({current!r})"
+            params[d.key] = match[0]
+        elif d.contains(current):
+            params[d.key] = current
+        else:
+            return {}, f"{d.key} ({current!r})"
+    return params, None
