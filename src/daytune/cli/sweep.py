@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_sweep(args, reporter) -> int:
+    import time
+
+    started = time.time()  # the sweep's budget counts from here, its imports and checks included
     from daytune.sweep import join_sweep, start_sweep
 
     target = Path(args.target)
@@ -59,7 +62,8 @@ def cmd_sweep(args, reporter) -> int:
             str(target), args.storage, reporter, args.threads, args.worker_index, overrides, args.workers
         )
         return 0
-    start_sweep(str(target), overrides, args.workers, args.storage, reporter, ["daytune", *sys.argv[1:]])
+    argv = ["daytune", *sys.argv[1:]]
+    start_sweep(str(target), overrides, args.workers, args.storage, reporter, argv, started)
     return 0
 
 

@@ -119,12 +119,17 @@ def _quiet_optuna() -> None:
 
 # ---- starting and joining ------------------------------------------------------------------------------------
 def start_sweep(
-    path: str, overrides: list[str], workers: int, storage: str | None, reporter: Reporter, argv: list[str]
+    path: str,
+    overrides: list[str],
+    workers: int,
+    storage: str | None,
+    reporter: Reporter,
+    argv: list[str],
+    started: float | None = None,
 ) -> Path:
-    """`daytune sweep SWEEP.yaml`: everything checked before anything is written; returns the sweep folder."""
-    import psutil
-
-    t0 = min(time.time(), psutil.Process().create_time())  # the budget counts from the command's start
+    """`daytune sweep SWEEP.yaml`: everything checked before anything is written; returns the sweep folder.
+    The budget counts from `started` (the command's start), else from now."""
+    t0 = started or time.time()
     spec, dims, cfg = load_sweep(path, overrides)
     if workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
