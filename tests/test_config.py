@@ -111,12 +111,15 @@ def test_quickstart_recipe_loads():
 
 
 def _examples(kind: str) -> list[str]:
-    """Run recipes, or data recipes (those with `sources:`), in examples/."""
+    """Run recipes, data recipes (those with `sources:`) or sweep files (with `space:`), in examples/."""
     import yaml
 
     paths = sorted(__import__("conftest").EXAMPLES.glob("*.yaml"))
-    is_data = {p.name: "sources" in (yaml.safe_load(p.read_text()) or {}) for p in paths}
-    return [name for name, data in is_data.items() if data == (kind == "data")]
+    kinds = {}
+    for p in paths:
+        top = yaml.safe_load(p.read_text()) or {}
+        kinds[p.name] = "data" if "sources" in top else "sweep" if "space" in top else "run"
+    return [name for name, k in kinds.items() if k == kind]
 
 
 @pytest.mark.parametrize("recipe", _examples("run"))
@@ -134,6 +137,17 @@ def test_example_data_recipes_validate(recipe):
     from daytune.data.recipe import load_data_recipe
 
     assert load_data_recipe(EXAMPLES / recipe).sources
+
+
+@pytest.mark.parametrize("sweep", _examples("sweep"))
+def test_example_sweep_files_validate(sweep, shared_data):
+    from conftest import EXAMPLES
+
+    from daytune.sweep import load_sweep
+
+    # fields exist, ranges are not empty, values pass the recipe
+    spec, dims, cfg = load_sweep(EXAMPLES / sweep)
+    assert dims and cfg.train.method and spec.test is not None
 
 
 def test_interval_parsing():

@@ -73,34 +73,83 @@ def _prepare_run_data(cfg: RunConfig, run: RunDir, reporter: Reporter) -> None:
             raise ConfigError(
                 "data: set either data.train (a JSONL or prepared folder) or data.prepare, not both"
             )
-        from daytune.data.prepare import prepare
-        from daytune.data.recipe import load_data_recipe
-
-        recipe = load_data_recipe(cfg.data.prepare)
-        # the run's model, template and length decide tokens and filters, so they apply to the data stage too
-        recipe.model, recipe.template = cfg.model, cfg.data.template
-        recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
-        evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
-        reporter.log(f"Preparing data from {cfg.data.prepare}...")
-        suite_dirs = []
-        if cfg.eval.suite:  # the sets the run will be scored on, wherever the default datasets folder is
-            from daytune.eval.suites import suite_data_root
-
-            suite_dirs.append(suite_data_root(cfg.eval.suite, cfg.eval.data_root))
-        card = prepare(
-            recipe,
-            run.path / "data",
-            reporter=reporter,
-            extra_eval_files=evals,
-            extra_eval_dirs=suite_dirs,
-            recipe_file=cfg.data.prepare,
-        )
-        for w in card["warnings"]:
-            reporter.log(f"data warning: {w}")
+        suites = [(cfg.eval.suite, cfg.eval.data_root, None)] if cfg.eval.suite else []
+        prepare_recipe_data(cfg, run.path / "data", reporter, suites)
         cfg.data.train = str(run.path / "data")
     if cfg.data.train and Path(cfg.data.train).exists() and not cfg.data.fingerprint:
         cfg.data.fingerprint = dataset_fingerprint(cfg.data.train)
     write_text_atomic(run.path / "config.yaml", dump_yaml(cfg))
+
+
+def prepare_recipe_data(
+    cfg: RunConfig,
+    out: Path,
+    reporter: Reporter,
+    suites: list[tuple[str, str | None, list[str] | None]],
+    overrides=(),
+    validation_tasks: list[str] = (),
+) -> dict:
+    """Prepare the run's data recipe (`data.prepare`, with `overrides`) into `out` with the run's model, template
+    and length, decontaminated against the run's eval files and the data of `suites` ((suite, data root, SNI
+    tasks or None for the suite's own) the run will be scored on). The suites' SNI tasks join the recipe's
+    heldout_tasks (those in `validation_tasks`, a sweep's objective, join its validation_tasks). Returns the data
+    card."""
+    from daytune.data.heldout import expand
+    from daytune.data.prepare import prepare
+    from daytune.data.recipe import load_data_recipe
+    from daytune.eval.suites import sni_tasks, suite_data_root, suite_plan
+
+    recipe = load_data_recipe(cfg.data.prepare, overrides)
+    # the run's model, template and length decide tokens and filters, so they apply to the data stage too
+    recipe.model, recipe.template = cfg.model, cfg.data.template
+    recipe.max_seq_len, recipe.system_prompt = cfg.data.max_seq_len, cfg.data.system_prompt
+    scored = [t for suite, _, tasks in suites for t in (tasks or sni_tasks(suite_plan(suite)))]
+    val = list(dict.fromkeys([*recipe.validation_tasks, *validation_tasks]))
+    test = [t for t in dict.fromkeys(expand([*recipe.heldout_tasks, *scored])) if t not in val]
+    recipe.heldout_tasks, recipe.validation_tasks = test, val  # never train on either
+    evals = [p for p in (cfg.eval.heldout, cfg.eval.multiple_choice) if p and Path(p).is_file()]
+    reporter.log(f"Preparing data from {cfg.data.prepare}...")
+    # the sets the run will be scored on, wherever the default datasets folder is
+    suite_dirs = list(dict.fromkeys(suite_data_root(suite, root) for suite, root, _ in suites))
+    card = prepare(
+        recipe,
+        out,
+        reporter=reporter,
+        extra_eval_files=evals,
+        extra_eval_dirs=suite_dirs,
+        recipe_file=cfg.data.prepare,
+    )
+    for w in card["warnings"]:
+        reporter.log(f"data warning: {w}")
+    return card
+
+
+def data_card(cfg: RunConfig) -> dict:
+    """The card of the run's prepared training data ({} for a plain JSONL)."""
+    import json
+
+    card = Path(cfg.data.train or "") / "data_card.json" if cfg.data.train else None
+    if card is None or not card.is_file():
+        return {}
+    return json.loads(card.read_text(encoding="utf-8"))
+
+
+def run_suite_plan(cfg: RunConfig, suite: str, scenarios=None, max_instances=None, tasks=None) -> list:
+    """The plan of `suite` for a run: its SNI scenario evaluates `tasks`, else the tasks the run's data held out;
+    an SNI task the run trained on is refused, since it would be scored as unseen."""
+    from daytune.eval.suites import sni_tasks, suite_plan, with_tasks
+
+    card = data_card(cfg)
+    tasks = tasks or (card.get("heldout") or {}).get("tasks")
+    plan = with_tasks(suite_plan(suite, scenarios, max_instances), tasks)
+    trained = {t for s in card.get("sources", []) for t in s.get("task_licences", {})}
+    seen = [t for t in sni_tasks(plan) if t in trained]
+    if seen:
+        raise ConfigError(
+            f"eval.suite {suite}: the run's data ({cfg.data.train}) trains on {len(seen)} task(s) this suite "
+            f"would score as unseen: {', '.join(seen[:4])}; hold them out (heldout_tasks in the data recipe)"
+        )
+    return plan
 
 
 def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
@@ -127,11 +176,17 @@ def _new_run(cfg: RunConfig, argv: list[str]) -> RunDir:
 
 
 def train_run(
-    cfg: RunConfig, run: RunDir, reporter: Reporter | None = None, resume: Path | None = None
+    cfg: RunConfig,
+    run: RunDir,
+    reporter: Reporter | None = None,
+    resume: Path | None = None,
+    on_validation=None,
 ) -> TrainResult:
     """The train stage: set up, write the planner's prediction for this run to plan.json (before any step, to
-    compare with what the run measures), then fit; `resume` is a checkpoint to carry on from."""
+    compare with what the run measures), then fit; `resume` is a checkpoint to carry on from. `on_validation(step,
+    val_loss)` is called after each validation and stops the run (stopped_by "pruned") when it returns True."""
     session = setup(cfg, run, reporter, resume)
+    session.on_validation = on_validation
     if session.is_main:
         facts = (session.model_dir, session.device, session.precision, session.examples, session.stats)
         write_run_plan(run, cfg, *facts, session.reporter.log)
@@ -200,19 +255,47 @@ def _suite(cfg: RunConfig, model, tokenizer, label: str, suite_dir: Path, report
     from daytune.eval.suites import run_suite
 
     lm = LocalLM(model, tokenizer, name=f"{cfg.model} ({label})", batch_size=cfg.eval.batch_size)
-    res = run_suite(
-        lm, cfg.eval.suite, cfg.eval.data_root, cfg.eval.scenarios, cfg.eval.max_instances, log=reporter.log
-    )
+    plan = run_suite_plan(cfg, cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
+    res = run_suite(lm, cfg.eval.suite, cfg.eval.data_root, log=reporter.log, plan=plan)
     res["title"] = label
     write_results(res, suite_dir / cfg.eval.suite / label)
+    return suite_summary(res)
+
+
+def suite_summary(res: dict) -> dict:
+    """What summary.json keeps of a suite's results: each scenario's metrics with their 95% CIs."""
     return {
-        "name": cfg.eval.suite,
+        "name": res["suite"],
         "seconds": res["seconds"],
         "scenarios": {
             name: {"n": sc["n"], "main_metric": sc["main_metric"], "metrics": sc["metrics"]}
+            | ({"truncated": sc["truncated"]} if sc.get("truncated") else {})
             for name, sc in res["scenarios"].items()
         },
     }
+
+
+def score_model(
+    cfg: RunConfig, trained: Path | None, requests: dict[str, SuiteRequest], out: Path, reporter: Reporter
+) -> dict[str, dict]:
+    """One model (the run's base model, with `trained` when given), loaded once, scored on each named suite
+    request (the run's held-out tasks for SNI) -> out/<name>/results.{json,md}; returns each suite's summary."""
+    from daytune.eval.lm import LocalLM
+    from daytune.eval.report import write_results
+    from daytune.eval.suites import run_suite
+
+    batch = next(iter(requests.values())).batch_size if requests else cfg.eval.batch_size
+    lm = LocalLM.load(cfg.model, trained, batch, log=reporter.log)
+    summaries = {}
+    for label, req in requests.items():
+        plan = req.plan or run_suite_plan(cfg, req.suite, req.scenarios, req.max_instances, req.tasks)
+        res = run_suite(lm, req.suite, req.data_root, bootstrap=req.bootstrap, log=reporter.log, plan=plan)
+        res["title"] = label
+        write_results(res, out / label)
+        summaries[label] = suite_summary(res)
+    del lm
+    gc.collect()
+    return summaries
 
 
 def eval_table(results: dict) -> Table:
@@ -255,10 +338,8 @@ def run_recipe(
     overrides: list[str] = (),
 ) -> RunDir:
     if cfg is not None and cfg.eval.suite:
-        from daytune.eval.suites import suite_plan
-
-        # a bad suite or scenario name fails before training
-        suite_plan(cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
+        # a bad suite or scenario name, or unseen tasks the data trains on, fail before training
+        run_suite_plan(cfg, cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
     train_run(cfg, run, reporter, resume=checkpoint)
@@ -284,6 +365,8 @@ class SuiteRequest:
     data_root: str | None = None
     bootstrap: int = 1000
     batch_size: int = 8  # requests per forward pass of a local model
+    plan: list | None = None  # the suite's plan for a run (run_suite_plan: its held-out tasks)
+    tasks: list[str] | None = None  # SNI tasks to score (default: the run's held-out tasks, or the suite's)
 
 
 def evaluate_suite(
@@ -302,9 +385,12 @@ def evaluate_suite(
     from daytune.eval.scenarios import DataRoot
     from daytune.eval.suites import suite_data_root
 
+    DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
+    if source is not None and source.run_dir is not None and req.plan is None:  # the run's held-out tasks
+        run_cfg = load_run_config(source.run_dir / "config.yaml")
+        req.plan = run_suite_plan(run_cfg, req.suite, req.scenarios, req.max_instances)
     if lm is None and not (with_base and source.trained):
         lm = LocalLM.load(source.model, source.trained, req.batch_size, log=reporter.log)
-    DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
     if lm is None:
         results = _suite_pair(source, req, out, reporter)
     else:
@@ -323,7 +409,7 @@ def _suite_one(lm, label: str, req: SuiteRequest, out: Path, reporter: Reporter)
 
     reporter.log(f"Evaluating {label} on suite '{req.suite}'...")
     res = run_suite(
-        lm, req.suite, req.data_root, req.scenarios, req.max_instances, req.bootstrap, reporter.log
+        lm, req.suite, req.data_root, req.scenarios, req.max_instances, req.bootstrap, reporter.log, req.plan
     )
     paired = label in ("base", "tuned")
     res["title"] = label if paired else lm.name

@@ -1,7 +1,7 @@
 """The `daytune` command. Sub-commands map to stages; errors print as one clear line and exit with code 2.
 
 One module per command group (run.py: run, train; eval.py; serve.py: serve, submit, export; runs.py; plan.py: plan,
-models; data.py); each handler parses its flags, makes one call into the pipeline or a stage, and prints."""
+models; data.py; sweep.py); each handler parses its flags, makes one call into the pipeline or a stage, and prints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import traceback
 
 from daytune import __version__
-from daytune.cli import data, eval, plan, run, runs, serve
+from daytune.cli import data, eval, plan, run, runs, serve, sweep
 from daytune.errors import DaytuneError
 
 EPILOG = """examples:
@@ -27,6 +27,7 @@ EPILOG = """examples:
                                                        will it fit, how fast, how much data a day buys
   daytune runs list                                    every run under ./runs: model, method, data, time, loss, eval
   daytune runs compare RUN1 RUN2 --out report.html     loss curves, throughput, memory, config diff, eval CIs
+  daytune sweep examples/instruct-mix-sweep.yaml       search the recipe inside a budget (Optuna); retrain the best
 """
 
 HANDLERS = {
@@ -40,6 +41,7 @@ HANDLERS = {
     "plan": plan.cmd_plan,
     "runs": runs.cmd_runs,
     "data": data.cmd_data,
+    "sweep": sweep.cmd_sweep,
 }
 
 
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_export_parser(sub)
     plan.add_models_parser(sub)
     data.add_parser(sub)
+    sweep.add_parser(sub)
     return p
 
 

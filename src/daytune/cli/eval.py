@@ -47,7 +47,11 @@ def add_parser(sub) -> None:
     sp.add_argument(
         "--with-base", action="store_true", help="with an adapter: also evaluate the base model, and compare"
     )
-    sp.add_argument("--suite", default="quick", help="quick (default), competition-open or full")
+    sp.add_argument(
+        "--suite",
+        default="quick",
+        help="quick (default), competition-open, full or unseen (held-out SNI tasks)",
+    )
     sp.add_argument(
         "--scenarios", help="only these scenarios, comma-separated (mmlu,truthfulqa,bbq,gsm8k,xsum,...)"
     )

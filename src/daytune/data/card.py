@@ -112,7 +112,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def markdown(card: dict[str, Any]) -> str:
     """The card for people: same content as data_card.json."""
-    out = _md_summary(card) + _md_sources(card) + _md_removed(card) + _md_decontamination(card)
+    out = _md_summary(card) + _md_sources(card) + _md_heldout(card) + _md_removed(card)
+    out += _md_decontamination(card)
     out += _md_tokens(card)
     out += ["## Licences", ""]
     out += [f"- {lic}: {', '.join(names)}" for lic, names in card["licences"].items()] + [""]
@@ -160,6 +161,30 @@ def _md_sources(card: dict[str, Any]) -> list[str]:
     rows = [[s["name"], *[s["rows"].get(k, "") for k in steps]] for s in sources]
     rows.append(["**total**", *[sum(s["rows"].get(k, 0) for s in sources) for k in steps]])
     return out + [_table(["source", *[STEP_TITLES.get(k, k) for k in steps]], rows), ""]
+
+
+def _md_heldout(card: dict[str, Any]) -> list[str]:
+    """The tasks this data never trains on (heldout_tasks) and the ones refused with them."""
+    held = card.get("heldout") or {}
+    val = held.get("validation_tasks") or []
+    if not held.get("tasks") and not val:
+        return []
+    out = [
+        "## Held-out tasks",
+        "",
+        "Never trained on: the test tasks are what `--suite unseen` scores; a sweep tunes on",
+    ]
+    out += ["the validation tasks.", ""]
+    rows = [[t, "test", ", ".join(held["sources"].get(t, []))] for t in held.get("tasks", [])]
+    rows += [[t, "validation", ", ".join(held["sources"].get(t, []))] for t in val]
+    out += [_table(["task", "role", "Source"], rows), ""]
+    siblings = held.get("same_source_as") or {}
+    if siblings:
+        out += [
+            "Refused with them (same Source): " + ", ".join(f"{t} (as {h})" for t, h in siblings.items()),
+            "",
+        ]
+    return out
 
 
 def _md_removed(card: dict[str, Any]) -> list[str]:

@@ -37,6 +37,9 @@ class LoadOptions:
     max_per_task: int | None = None  # sni, flan: at most N rows per task (seeded sample)
     tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to keep (default all)
     exclude_tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to drop
+    refused: dict[str, str] = field(
+        default_factory=dict
+    )  # sni: held-out tasks (and their siblings) -> reason
     languages: list[str] = field(default_factory=lambda: ["en"])  # oasst1: conversation languages ([] = all)
     text_split: str = "paragraph"  # text: paragraph | line | file
     chunk_words: int = 200  # text: paragraphs are joined into chunks of up to this many words
@@ -136,6 +139,14 @@ def load_daytune(files, name, opts, policy, out: Loaded) -> None:
 # ---- task collections -----------------------------------------------------------------------------------------
 
 
+def _task_refused(task: str, opts: LoadOptions, out: Loaded, n: int = 1) -> bool:
+    """A held-out task (or one sharing its source) is left out and counted, whatever selected it."""
+    if task in opts.refused:
+        out.drop(opts.refused[task], n)
+        return True
+    return False
+
+
 def _task_selected(task: str, opts: LoadOptions) -> bool:
     if opts.tasks and not any(fnmatch.fnmatch(task, p) for p in opts.tasks):
         return False
@@ -176,6 +187,8 @@ _FLAN_ROW = _TaskFields(("task_name", "_task_name", "task"), "inputs", None, Fal
 def _task_row(fields: _TaskFields, name: str, opts: LoadOptions, out: Loaded, where: str, obj: dict, n: int):
     """One exported task-collection row (its first target is the response), or None for an unselected task."""
     task = str(next((obj[k] for k in fields.task if obj.get(k)), ""))
+    if _task_refused(task, opts, out):
+        return None
     if not _task_selected(task, opts):
         out.drop("task not selected")
         return None
@@ -222,6 +235,8 @@ def load_sni(files, name, opts, policy, out: Loaded) -> None:
 
 def _sni_task(path: Path, where: str, task_obj: dict, name: str, opts, policy, out: Loaded) -> list[dict]:
     task = path.name[: -len(".json")]
+    if _task_refused(task, opts, out, len(task_obj.get("Instances") or [])):
+        return []
     if not _task_selected(task, opts):
         out.drop("task not selected", len(task_obj.get("Instances") or []))
         return []

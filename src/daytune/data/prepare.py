@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from daytune.data import card as cards
-from daytune.data import loaders
+from daytune.data import heldout, loaders
 from daytune.data.decontam import EvalIndex
 from daytune.data.dedup import exact_duplicates, near_duplicates
 from daytune.data.evalsets import (
@@ -96,6 +96,7 @@ class Books:
     decontamination: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    heldout: heldout.HeldOut = field(default_factory=heldout.HeldOut)
 
     def keep(self, step: str, keep: list[bool], candidates: list[dict]) -> list[dict]:
         """The candidates marked to keep; counts what each source has left after `step`."""
@@ -183,7 +184,11 @@ def _token_lengths(rows: list[dict], tokenizer, recipe: DataRecipe, batch: int =
 
 
 def _eval_index(
-    recipe: DataRecipe, datasets_dir: Path, extra_files: list[str], extra_dirs: list[Path]
+    recipe: DataRecipe,
+    datasets_dir: Path,
+    extra_files: list[str],
+    extra_dirs: list[Path],
+    held: heldout.HeldOut | None = None,
 ) -> tuple[EvalIndex, dict]:
     """Every evaluation set is read from the recipe's eval_dir (or the datasets folder) and from `extra_dirs` (the
     run's own evaluation suite): training rows must not overlap whatever the run will be scored on."""
@@ -218,6 +223,14 @@ def _eval_index(
         items = list(daytune_eval_file(path))  # references read "file.jsonl:line"
         index.add(path.name, items)
         info["checked"].append({"name": path.name, "items": len(items), "files": 1, "from": str(path)})
+    named = (held.tasks + held.validation) if held is not None else []
+    if named:  # no other source may bring the held-out tasks' instances back
+        items = heldout.heldout_items(held)
+        index.add("heldout_tasks", items)
+        where = str(held.index[named[0]].path.parent)
+        info["checked"].append(
+            {"name": "heldout_tasks", "items": len(items), "files": len(named), "from": where}
+        )
     index.build()
     info["ngrams_indexed"] = index.n_ngrams
     return index, info
@@ -242,6 +255,10 @@ def prepare(
     books = Books(Ledger(recipe.examples_per_reason))
     datasets_dir = Path(recipe.datasets_dir) if recipe.datasets_dir else default_datasets_dir()
     provenance = gate_provenance(recipe)  # before any data is read
+    try:
+        books.heldout = resolve_heldout(recipe, datasets_dir, [Path(d) for d in extra_eval_dirs])
+    except ConfigError as e:
+        raise ConfigError(f"{recipe_file}: {e}" if recipe_file else str(e)) from None
     from daytune.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(recipe.model, log=lambda m: _log(reporter, m)))
@@ -281,6 +298,17 @@ def gate_provenance(recipe: DataRecipe) -> dict[str, Provenance]:
     return provs
 
 
+def resolve_heldout(recipe: DataRecipe, datasets_dir: Path, extra_dirs: list[Path]) -> heldout.HeldOut:
+    """heldout_tasks, resolved against the SNI task files the recipe's sources and the datasets folders hold; a
+    source that names a refused task is an error (before anything is read or written)."""
+    formats = [format_of(s) for s in recipe.sources]
+    places = [Path(s.path) for s, fmt in zip(recipe.sources, formats) if fmt == "sni" and s.path]
+    places += [d / heldout.SNI_FOLDER for d in dict.fromkeys([datasets_dir, *extra_dirs])]
+    held = heldout.resolve(recipe.heldout_tasks, places, recipe.validation_tasks)
+    heldout.check_sources(held, recipe.sources, formats)
+    return held
+
+
 def load_sources(
     recipe: DataRecipe, provenance: dict[str, Provenance], datasets_dir: Path, books: Books, reporter
 ) -> list[dict]:
@@ -290,7 +318,8 @@ def load_sources(
         label, fmt = label_of(s), format_of(s)
         files, origin = _source_files(s, fmt, datasets_dir)
         policy = ErrorPolicy(s.on_error or recipe.on_error)
-        loaded = loaders.load(fmt, files, label, load_options(s, recipe.seed), policy)
+        refused = books.heldout.refused if fmt == "sni" else None
+        loaded = loaders.load(fmt, files, label, load_options(s, recipe.seed, refused), policy)
         if loaded.licences and not recipe.allow_noncommercial:
             _refuse_noncommercial_tasks(f"sources[{i}] '{label}'", loaded.licences)
         for msg in policy.skipped:
@@ -414,7 +443,7 @@ def decontaminate(
     if not dc.enabled:
         books.warnings.append("decontamination is off (decontaminate.enabled: false): nothing was checked")
         return books.keep("after_decontamination", [True] * len(rows), rows)
-    index, info = _eval_index(recipe, datasets_dir, extra_files, extra_dirs)
+    index, info = _eval_index(recipe, datasets_dir, extra_files, extra_dirs, books.heldout)
     decontam.update(info)
     if info["not_found"]:
         books.warnings.append(
@@ -585,6 +614,7 @@ def _card(
             "shingle_words": dd.shingle,
         },
         "decontamination": books.decontamination,
+        "heldout": books.heldout.card(),
         "tokens": cards.token_stats(train_rows, val_rows),
         "licences": cards.licence_table(books.sources),
         "warnings": books.warnings,

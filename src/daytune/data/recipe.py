@@ -88,6 +88,11 @@ class DataRecipe:
     max_seq_len: int = 2048
     datasets_dir: str | None = None  # where registered sources and eval sets are looked up
     sources: list[SourceConfig] = field(default_factory=list)
+    # Super-NaturalInstructions tasks never to train on (and every task sharing their `Source`); `unseen` is the
+    # evaluation suite's default set. See data/heldout.py.
+    heldout_tasks: list[str] = field(default_factory=list)
+    # held out the same way, for tuning (a sweep's objective), and never scored by the unseen suite
+    validation_tasks: list[str] = field(default_factory=list)
     allow_llm_generated: bool = False
     allow_noncommercial: bool = False
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -121,6 +126,13 @@ class DataRecipe:
                 raise ConfigError(
                     f"decontaminate.eval_sets: unknown set '{s}' (known: all, {', '.join(EVAL_SETS)})"
                 )
+        for name, tasks in (
+            ("heldout_tasks", self.heldout_tasks),
+            ("validation_tasks", self.validation_tasks),
+        ):
+            for i, t in enumerate(tasks):
+                if not t.strip() or any(ch in t for ch in "*?["):
+                    raise ConfigError(f"{name}[{i}]: give a task name (no patterns), got {t!r}")
         labels = set()
         for i, s in enumerate(self.sources):
             where = f"sources[{i}]"
@@ -197,8 +209,9 @@ def provenance_of(s: SourceConfig, where: str) -> Provenance:
     return Provenance(d.licence, d.commercial, d.llm_generated, d.citation, d.url)
 
 
-def load_options(s: SourceConfig, seed: int) -> LoadOptions:
+def load_options(s: SourceConfig, seed: int, refused: dict[str, str] | None = None) -> LoadOptions:
     return LoadOptions(
+        refused=dict(refused or {}),
         few_shot=s.few_shot,
         max_per_task=s.max_per_task,
         tasks=list(s.tasks),

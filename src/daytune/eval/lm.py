@@ -34,6 +34,7 @@ class LoglikelihoodResult:
     logprob: float  # sum of log P(continuation tokens | context)
     is_greedy: bool  # every continuation token was the most likely one
     n_tokens: int  # continuation tokens
+    truncated: int = 0  # context tokens cut from the left to fit the model's context (local backend)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Generation:
     text: str
     n_tokens: int
     logprob: float
+    truncated: int = (
+        0  # prompt tokens cut from the left to fit the context with max_new_tokens (local backend)
+    )
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Usage:
     seconds: float = 0.0
     # per request (HTTP) or per request amortized (local)
     latencies: list[float] = field(default_factory=list)
+    truncated: int = 0  # requests whose prompt (or context) was cut from the left to fit the model's context
 
     def add(
         self, requests: int, prompt_tokens: int, output_tokens: int, seconds: float, latencies=None
@@ -75,6 +80,7 @@ class Usage:
         tokens = self.prompt_tokens + self.output_tokens
         return {
             "requests": self.requests,
+            "truncated_requests": self.truncated,
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "seconds": round(self.seconds, 3),
@@ -205,7 +211,9 @@ class LocalLM(LM):
         return out
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[LoglikelihoodResult]:
-        pairs = [self._truncate(*self.encode_pair(c, x)) for c, x in requests]
+        encoded = [self.encode_pair(c, x) for c, x in requests]
+        pairs = [self._truncate(ctx, cont) for ctx, cont in encoded]
+        cut = [max(0, len(e[0]) - len(p[0])) for e, p in zip(encoded, pairs)]
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         for i, (ctx, cont) in enumerate(pairs):
             lp = self._first_step.get(tuple(ctx)) if len(cont) == 1 else None
@@ -216,7 +224,10 @@ class LocalLM(LM):
             self.usage.add(len(pairs) - len(todo), 0, 0, 0.0)
         for i, r in zip(todo, self.loglikelihood_ids([pairs[i] for i in todo]) if todo else []):
             out[i] = r
-        return [LoglikelihoodResult(lp, g, len(cont)) for (lp, g), (_, cont) in zip(out, pairs)]
+        self.usage.truncated += sum(1 for n in cut if n)
+        return [
+            LoglikelihoodResult(lp, g, len(cont), n_cut) for (lp, g), (_, cont), n_cut in zip(out, pairs, cut)
+        ]
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[tuple[float, int]]:
         windows, owner = [], []
@@ -235,11 +246,12 @@ class LocalLM(LM):
         from daytune.engine.decode import greedy_generate_batch
 
         t0 = time.perf_counter()
-        prompts = []
+        prompts, cut = [], []
         for r in requests:
             ids = self._encode(r.prompt) or [self.prefix_token_id]
             keep = max(1, self.max_length - r.max_new_tokens)
             prompts.append(ids[-keep:])
+            cut.append(max(0, len(ids) - keep))
         stops = [[s for s in r.stop if s] for r in requests]
         # the generated text so far, without special tokens, is watched for the stop sequences
         watchers = {
@@ -274,9 +286,11 @@ class LocalLM(LM):
                 )
                 for i, g in zip(idx, gens):
                     pieces, _ = cut_pieces(token_texts(self.tokenizer, g.token_ids), stops[i])
-                    out[i] = Generation("".join(pieces), len(pieces), float(sum(g.logprobs[: len(pieces)])))
+                    lp = float(sum(g.logprobs[: len(pieces)]))
+                    out[i] = Generation("".join(pieces), len(pieces), lp, cut[i])
         finally:
             self.model.train(was)
+        self.usage.truncated += sum(1 for n in cut if n)
         self.usage.add(
             len(requests),
             sum(len(p) for p in prompts),

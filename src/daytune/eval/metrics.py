@@ -77,6 +77,34 @@ def rouge(gold: str, pred: str) -> dict[str, float]:
     return {"rouge_2": s["rouge2"].fmeasure, "rouge_l": s["rougeL"].fmeasure}
 
 
+# -- Super-NaturalInstructions (the scorer of Wang et al. 2022, Tk-Instruct's compute_metrics.py) ---------------
+
+
+def sni_normalize(text: str) -> str:
+    """SNI's normalization: SQuAD's without dropping articles: lowercase, remove punctuation, collapse spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(text.split())
+
+
+def sni_exact_match(golds: list[str], pred: str) -> float:
+    """1 when the normalized prediction equals any normalized reference (the max over references)."""
+    p = sni_normalize(pred)
+    return float(any(sni_normalize(g) == p for g in golds))
+
+
+_rouge_l = None
+
+
+def sni_rouge_l(golds: list[str], pred: str) -> float:
+    """ROUGE-L F1 (rouge-score, Porter stemmer, its default tokenizer), the max over references."""
+    global _rouge_l
+    if _rouge_l is None:
+        from rouge_score import rouge_scorer
+
+        _rouge_l = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return max(_rouge_l.score(g, pred)["rougeL"].fmeasure for g in golds)
+
+
 # -- calibration --------------------------------------------------------------------------------------------------
 
 
@@ -158,6 +186,20 @@ def mean_of(key: str):
     def f(records: list[dict]) -> float:
         vals = [r[key] for r in records if r.get(key) is not None]
         return float(np.mean(vals)) if vals else float("nan")
+
+    return f
+
+
+def macro_mean_of(key: str, group: str = "task"):
+    """The mean of `key` within each group (an SNI task), then the mean over groups: every task weighs the same,
+    however many instances it has. Records without the key (a metric a task does not have) are left out."""
+
+    def f(records: list[dict]) -> float:
+        by_group: dict[str, list[float]] = {}
+        for r in records:
+            if r.get(key) is not None:
+                by_group.setdefault(r.get(group), []).append(r[key])
+        return float(np.mean([np.mean(v) for v in by_group.values()])) if by_group else float("nan")
 
     return f
 

@@ -40,15 +40,28 @@ def markdown_table(results: dict) -> str:
             hib = m.get("higher_is_better", True)
             arrow = "" if hib else " (lower is better)" if hib is False else " (0 is unbiased)"
             lines.append(f"| {name} | {metric}{arrow} | {_fmt(m['value'])} | {_ci(m)} | {sc['n']} |")
+    for name, sc in results["scenarios"].items():
+        if sc.get("by_task"):
+            lines += [
+                "",
+                f"{name} by task:",
+                "",
+                "| task | n | exact match | ROUGE-L | rank accuracy | valid label |",
+            ]
+            lines.append("|---|---:|---:|---:|---:|---:|")
+            for task, t in sc["by_task"].items():
+                cells = [_fmt(t.get(k)) for k in ("exact_match", "rouge_l", "rank_accuracy", "valid_label")]
+                lines.append(f"| {task} | {t['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| scenario | requests | latency/request (s) | tokens/s | wall (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | requests | prompts cut to fit | latency/request (s) | tokens/s | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, sc in results["scenarios"].items():
         e = sc["efficiency"]
         lines.append(
-            f"| {name} | {e['requests']} | {_fmt(e['latency_mean_s'])} | {_fmt(e['tokens_per_s'])} | {e['wall_seconds']} |"
+            f"| {name} | {e['requests']} | {sc.get('truncated', 0)} | {_fmt(e['latency_mean_s'])} "
+            f"| {_fmt(e['tokens_per_s'])} | {e['wall_seconds']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -7,11 +7,15 @@
   (5-shot chain of thought, up to 400 new tokens), XSum standing in for CNN/DailyMail, at most 1,000 instances per
   entry (HELM's default), plus OpenBookQA and WikiText-2.
 - `full`: everything in the datasets folder: all 57 MMLU subjects, every instance.
+- `unseen`: Super-NaturalInstructions tasks held out of training (data recipes' `heldout_tasks:`; by default the
+  ten of `data.heldout.UNSEEN_TASKS`), zero-shot, 50 instances per task; a run evaluates exactly the tasks its
+  data held out (`with_tasks`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict
@@ -22,6 +26,7 @@ from daytune.eval.lm import LM, Usage
 from daytune.eval.metrics import bootstrap_ci
 from daytune.eval.scenarios import SCENARIOS, DataRoot, Settings, default_data_root
 from daytune.eval.scenarios.base import SAMPLES
+from daytune.eval.scenarios.sni import SNI
 
 RF = ["robustness", "fairness"]
 
@@ -61,6 +66,7 @@ SUITES: dict[str, dict] = {
             "wikitext2": Settings(),
         },
     },
+    "unseen": {"data": "root", "scenarios": {"sni": dataclasses.replace(SNI.defaults(), max_instances=50)}},
 }
 
 
@@ -78,13 +84,25 @@ def suite_plan(
         names = scenarios
     out = []
     for name in names:
-        s = copy.deepcopy(plan.get(name, Settings()))
+        s = copy.deepcopy(plan[name]) if name in plan else SCENARIOS[name].defaults()
         if max_instances is not None:
             s.max_instances = (
                 max_instances if s.max_instances is None else min(s.max_instances, max_instances)
             )
         out.append((name, s))
     return out
+
+
+def with_tasks(plan: list[tuple[str, Settings]], tasks: list[str] | None) -> list[tuple[str, Settings]]:
+    """The plan with its SNI scenario evaluating `tasks` (a run's held-out tasks) instead of the default set."""
+    if not tasks:
+        return plan
+    return [(n, dataclasses.replace(s, subjects=list(tasks)) if n == SNI.name else s) for n, s in plan]
+
+
+def sni_tasks(plan: list[tuple[str, Settings]]) -> list[str]:
+    """The SNI tasks a plan evaluates ([] when it has no SNI scenario)."""
+    return [t for n, s in plan if n == SNI.name for t in (s.subjects or SNI.defaults().subjects)]
 
 
 def suite_data_root(suite: str, data_root: str | Path | None) -> Path:
@@ -139,6 +157,8 @@ def run_suite(
         t0 = time.perf_counter()
         records, example = scen.run(lm, instances, s)
         seconds = time.perf_counter() - t0
+        if lm.usage.truncated:  # never silent: the results and the table say how many prompts were cut
+            log(f"  {name}: {lm.usage.truncated} requests had their prompt cut to fit the model's context")
         results["scenarios"][name] = {
             "description": scen.description,
             "main_metric": scen.main_metric,
@@ -146,8 +166,12 @@ def run_suite(
             "settings": asdict(s),
             "metrics": score_records(name, records, bootstrap),
             "efficiency": {**lm.usage.summary(), "wall_seconds": round(seconds, 2)},
+            "truncated": lm.usage.truncated,
             "example": example,
             "records": records,
         }
+        groups = scen.breakdown(records)
+        if groups:
+            results["scenarios"][name]["by_task"] = groups
     results["seconds"] = round(time.perf_counter() - t_all, 2)
     return results

@@ -311,8 +311,8 @@ def _suite_table(runs: list[_RunData]) -> str:
     """The evaluation suite's scenarios (HELM-style), each metric with its bootstrap 95 % interval."""
     rows = []
     for r in runs:
-        for side in ("base", "tuned"):
-            scenarios = ((r.eval.get(side) or {}).get("suite") or {}).get("scenarios") or {}
+        for side, key in (("base", "suite"), ("tuned", "suite"), ("tuned (test)", "test_suite")):
+            scenarios = ((r.eval.get(side.split()[0]) or {}).get(key) or {}).get("scenarios") or {}
             for name, sc in scenarios.items():
                 for metric, m in (sc.get("metrics") or {}).items():
                     if not isinstance(m, dict) or m.get("value") is None:
@@ -433,6 +433,180 @@ def write_report(runs: list[RunDir], out: str | Path) -> Path:
 <h2>Configuration differences</h2>{_config_diff(data)}
 <h2>Utilization doctor</h2>{_doctor(data)}
 <h2>Provenance</h2>{_provenance(data)}
+</main>"""
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n"
+    )
+    return write_text_atomic(out, page)
+
+
+# ---- a sweep's page (daytune sweep): trials, objective over time, field importances, validation vs test ---------
+def _figure(title: str, xlabel: str, ylabel: str, draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "daytune", "font.size": 9})
+    fig, ax = plt.subplots(figsize=(5.6, 3.2), dpi=100)
+    draw(ax)
+    ax.set_title(title, fontsize=10.5, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="#e5e8ec", linewidth=0.7)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, frameon=False)
+    out = _svg(fig)
+    plt.close(fig)
+    return out
+
+
+def _sweep_charts(st: dict) -> list[str]:
+    trials = st["trials"]
+    done = sorted(
+        (t for t in trials if t["state"] == "COMPLETE" and t["ended"] is not None), key=lambda t: t["ended"]
+    )
+    charts = []
+    if done:
+        better = max if st["direction"] == "maximize" else min
+
+        def objective(ax):
+            xs, ys = [t["ended"] for t in done], [t["value"] for t in done]
+            ax.plot(xs, ys, "o", color=COLORS[0], label="finished trial")
+            best = [better(ys[: i + 1]) for i in range(len(ys))]
+            ax.step(xs, best, where="post", color=COLORS[1], label="best so far")
+            for t in done:
+                ax.annotate(
+                    str(t["number"]),
+                    (t["ended"], t["value"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+
+        charts.append(
+            _figure("Objective over time", "seconds since the sweep started", "objective", objective)
+        )
+    curves = [t for t in trials if t["val_loss"]]
+    if curves:
+
+        def losses(ax):
+            for i, t in enumerate(curves):
+                steps = list(t["val_loss"])
+                style = "--" if t["state"] == "PRUNED" else "-"
+                ax.plot(
+                    steps,
+                    list(t["val_loss"].values()),
+                    style,
+                    marker="o",
+                    markersize=3,
+                    color=COLORS[i % len(COLORS)],
+                    label=f"trial {t['number']} ({t['state'].lower()})",
+                )
+
+        charts.append(
+            _figure("Validation loss by step (what the pruner sees)", "step", "validation loss", losses)
+        )
+    imp = st.get("importances") or {}
+    if imp and "error" not in imp:
+
+        def bars(ax):
+            names = list(imp)[::-1]
+            ax.barh(names, [imp[n] for n in names], color=COLORS[2])
+
+        charts.append(_figure("Field importance (Optuna)", "importance (sums to 1)", "", bars))
+    pairs = [t for t in done if t["test"] is not None]
+    if pairs:
+        rc = st["rank_correlation"]
+
+        def scatter(ax):
+            ax.plot([t["value"] for t in pairs], [t["test"] for t in pairs], "o", color=COLORS[4])
+            for t in pairs:
+                ax.annotate(
+                    str(t["number"]),
+                    (t["value"], t["test"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+
+        title = f"Validation vs test (Spearman {_fmt(rc.get('spearman'))}, n={rc.get('n')})"
+        charts.append(_figure(title, "objective (validation suite)", "test suite", scatter))
+    return charts
+
+
+def _sweep_trials_table(st: dict) -> str:
+    keys = sorted({k for t in st["trials"] for k in t["params"]})
+    head = (
+        "<tr><th>trial</th><th>state</th><th>objective</th><th>test</th><th>steps</th><th>stopped by</th>"
+        + "".join(f"<th><code>{html.escape(k)}</code></th>" for k in keys)
+        + "<th>run</th><th>worker</th></tr>"
+    )
+    best = (st.get("best") or {}).get("number")
+    rows = []
+    for t in st["trials"]:
+        train = t.get("train") or {}
+        mark = " ★" if t["number"] == best else (" (recipe)" if t["starting_recipe"] else "")
+        run = Path(t["run_dir"]).name if t.get("run_dir") else "-"
+        rows.append(
+            f"<tr><td>{t['number']}{mark}</td><td>{t['state'].lower()}</td><td class='num'>{_fmt(t['value'])}</td>"
+            f"<td class='num'>{_fmt(t['test'])}</td><td class='num'>{_fmt(train.get('steps'))}</td>"
+            f"<td>{html.escape(str(train.get('stopped_by') or '-'))}</td>"
+            + "".join(f"<td class='num'>{html.escape(_fmt(t['params'].get(k)))}</td>" for k in keys)
+            + f"<td><code>{html.escape(run)}</code></td><td>{html.escape(str(t.get('worker') or '-'))}</td></tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _sweep_header(st: dict) -> str:
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in st["counts"].items() if n) or "no trials"
+    wall = st.get("wall_seconds")
+    lines = [
+        f"<p>Objective: <code>{html.escape(str(st['objective'].get('suite')))}</code> "
+        f"{html.escape(str(st['objective'].get('metric') or 'main metric'))} ({st['direction']}); test: "
+        f"<code>{html.escape(str((st.get('test') or {}).get('suite') or '-'))}</code>. Trials: {counts}.</p>",
+        f"<p>Budget {_fmt(st['budget_seconds'])} s, each trial trains {_fmt(st['trial_budget_seconds'])} s; "
+        + (f"the sweep took {wall:.0f} s." if wall is not None else "still running.")
+        + f" Study <code>{html.escape(st['study'])}</code> in <code>{html.escape(st['storage'])}</code>.</p>",
+    ]
+    base = (st.get("calibration") or {}).get("base") or {}
+    if base:
+        lines.append("<p>Base model: " + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()) + ".</p>")
+    b, s = st.get("best"), st.get("starting_recipe")
+    if b:
+        text = f"Best: trial {b['number']}, objective {_fmt(b['value'])}"
+        if s and s["state"] == "COMPLETE":
+            text += f"; the starting recipe (trial {s['number']}) scored {_fmt(s['value'])}"
+        lines.append(
+            f"<p><b>{html.escape(text)}.</b> Retrain it: <code>{html.escape((st.get('retrain') or {}).get('command', '-'))}</code></p>"
+        )
+    imp = st.get("importances") or {}
+    if "error" in imp:
+        lines.append(f"<p class='muted'>Field importances: {html.escape(imp['error'])}.</p>")
+    return "".join(lines)
+
+
+def write_sweep_report(st: dict, runs: list[RunDir], out: str | Path) -> Path:
+    """A sweep's own page: its trials, the objective over time, the pruner's view, Optuna's field importances,
+    validation vs test, and the trial runs' curves and configuration differences."""
+    data = [_RunData(r, i) for i, r in enumerate(runs)]
+    charts = "".join(f"<div class='chart'>{c}</div>" for c in _sweep_charts(st))
+    run_charts = "".join(f"<div class='chart'>{c}</div>" for c in _charts(data)) if data else ""
+    title = f"daytune sweep: {st['name']}"
+    body = f"""<main>
+<h1>{html.escape(title)}</h1>
+<div class="sub">Generated {time.strftime("%Y-%m-%d %H:%M")} from <code>{html.escape(st["folder"])}</code></div>
+{_sweep_header(st)}
+<h2>Trials</h2>{_sweep_trials_table(st)}
+<h2>Search</h2><div class="charts">{charts or "<p class='muted'>No trial has finished yet.</p>"}</div>
+<h2>Trial runs</h2>{_runs_table(data) if data else "<p class='muted'>No trial run on this machine.</p>"}
+<div class="charts">{run_charts}</div>
+<h2>Evaluation</h2>{_suite_table(data) if data else ""}
+<h2>Configuration differences</h2>{_config_diff(data) if len(data) > 1 else ""}
 </main>"""
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

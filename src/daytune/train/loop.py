@@ -96,6 +96,9 @@ class Session:
     per_step: int  # micro-batches per optimizer step, all processes
     tracker: Tracker  # started by `fit`
     state: TrainState
+    on_validation: Any = (
+        None  # (step, val_loss) -> True to stop now ("pruned"): a sweep's pruner, main process
+    )
 
     @property
     def device(self):
@@ -270,6 +273,11 @@ def fit(s: Session) -> TrainResult:
             (patience_out,) = agree(s, bool(patience) and st.bad_evals >= (patience or 0))
             if patience_out:
                 stopped_by = "early_stopping"
+                break
+            hook = do_eval and s.on_validation is not None and s.is_main
+            (pruned,) = agree(s, hook and bool(s.on_validation(st.step, val_loss)))
+            if pruned:
+                stopped_by = "pruned"
                 break
             (do_checkpoint,) = agree(s, checkpoint_due.due(st.step, now) and st.step < st.max_steps)
             if do_checkpoint:

@@ -69,12 +69,21 @@ class Scenario:
     main_metric = "exact_match"
     metrics: dict[str, Metric] = {}
 
+    @classmethod
+    def defaults(cls) -> Settings:
+        """The settings a suite that does not list this scenario runs it with (--scenarios)."""
+        return Settings()
+
     def load(self, data: DataRoot, s: Settings) -> list[Instance]:
         raise NotImplementedError
 
     def run(self, lm: LM, instances: list[Instance], s: Settings) -> tuple[list[dict], dict]:
         """Per-instance records, and one example prompt/output for the report."""
         raise NotImplementedError
+
+    def breakdown(self, records: list[dict]) -> dict:
+        """Scores by group (SNI: by task) for the results file; {} when a scenario has no groups."""
+        return {}
 
 
 def take(items: list, n: int | None) -> list:
