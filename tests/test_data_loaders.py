@@ -94,6 +94,19 @@ def test_malformed_rows_name_file_and_line_or_are_skipped(tmp_path):
     broken.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": \n')
     with pytest.raises(DataError, match=r"broken\.json:\d+: not valid JSON"):
         list(iter_json(broken))
+    deep = "[" * 100_000 + "]" * 100_000
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text(
+        lines[0] + "\n" + f'{{"instruction": {deep}}}\n' + '{"instruction": null, "response": "r"}\n'
+    )
+    with pytest.raises(DataError, match=r"nested\.jsonl:2: JSON nested too deeply"):
+        load("dolly", nested)
+    policy = ErrorPolicy("skip")
+    loaders.load("dolly", [nested], "dolly", loaders.LoadOptions(), policy)
+    assert "nested.jsonl:3: field 'instruction' is null" in policy.skipped[1]
+    (tmp_path / "nested.json").write_text(f"[\n{lines[0]},\n{deep}\n]\n")
+    with pytest.raises(DataError, match=r"nested\.json:3: JSON nested too deeply"):
+        list(iter_json(tmp_path / "nested.json"))
 
 
 def test_lima_real_file(shared_data):
