@@ -203,3 +203,63 @@ def test_saved_files_and_folders_get_plain_permissions(tiny_recipe):
         assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o755
     finally:
         os.umask(umask)
+
+
+def _malicious_pickle(path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'PWNED'}",))
+
+    path.write_bytes(pickle.dumps(Payload()))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _rng_without_cpu_state(path):
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(1)}, str(path))
+
+
+def _drop_python_rng(path):
+    import json
+
+    state = json.loads(path.read_text())
+    del state["python_rng"]
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    "name,tamper,wrong",
+    [
+        ("optimizer.pt", _malicious_pickle, "holds objects other than tensors and numbers"),
+        ("optimizer.pt", _truncate, "cannot read the optimizer state: damaged or truncated"),
+        ("weights.safetensors", _truncate, "cannot read the trained weights: damaged or truncated"),
+        ("rng-0.safetensors", lambda p: p.unlink(), "missing (the random-number states)"),
+        ("rng-0.safetensors", _rng_without_cpu_state, "no valid CPU random-number state"),
+        ("state.json", _drop_python_rng, "no valid Python random state"),
+        ("state.json", lambda p: p.write_text("{"), "not valid JSON"),
+    ],
+)
+def test_a_damaged_checkpoint_is_a_clear_error(tiny_recipe, capsys, name, tamper, wrong):
+    """Resuming from a tampered or broken checkpoint: exit 2 naming the file and what is wrong with it (never
+    executing a pickle, never advising weights_only=False), the older checkpoint offered, the run kept."""
+    from daytune.cli import main
+
+    cfg = load_run_config(tiny_recipe(train={"max_steps": 2, "checkpoint_every": 1}))
+    run = new_run(cfg)
+    train_run(cfg, run)
+    newest = list_checkpoints(run.checkpoints)[-1]
+    tamper(newest / name)
+    capsys.readouterr()
+    code = main(["--quiet", "train", "--resume", str(run.path), "--set", "train.max_steps=3"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{newest / name}: " in err and wrong in err, err
+    assert "weights_only" not in err and "internal error" not in err
+    assert "the older step-0000001 is beside it" in err
+    assert not (newest / "PWNED").exists() and run.path.is_dir() and newest.is_dir()
