@@ -9,6 +9,7 @@ its fingerprint, so a resume trains on exactly the same rows.
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from daytune.models import ModelSource
 from daytune.plan import write_run_plan
 from daytune.progress import Reporter
 from daytune.track import RunDir, record_eval
+from daytune.train.checkpoint import remove_killed_saves
 from daytune.train.loop import find_resume_checkpoint, fit, setup
 from daytune.train.state import TrainResult
 
@@ -42,6 +44,10 @@ def start_or_resume(
     saved = load_run_config(run.path / "config.yaml", overrides)
     run.note_resume(argv)
     saved.out_dir = str(run.path.parent)
+    if int(os.environ.get("RANK", "0")) == 0:
+        cleaned = remove_killed_saves(run.path)
+        if cleaned:
+            reporter.log(f"Cleaned up what interrupted saves left: {', '.join(cleaned)}")
     return saved, run, find_resume_checkpoint(run)
 
 

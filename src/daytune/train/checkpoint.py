@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -77,6 +78,35 @@ def load_best(model, folder: Path) -> bool:
         return False
     load_trainable_state(model, load_file(str(folder / BEST)), "best")
     return True
+
+
+# What a save killed midway leaves in a run folder or its checkpoints/ (see fileio.temp_dir_beside and
+# replace_dir_atomic, write_text_atomic, save_best, sharded_optimizer_dir, the save probe of the loop's start).
+_KILLED_SAVES = [
+    re.compile(r"\.(step-\d{7}|adapter|model|data)\.[a-z0-9_]{8}"),  # a folder being filled
+    re.compile(r"\.step-\d{7}\.optimizer"),  # optimizer shards not yet assembled
+    re.compile(r"\.save-probe\..+|tmp[a-z0-9_]{8}"),  # the timed save at the start of training (old name too)
+    re.compile(r"\..+\.tmp"),  # a file being written (summary.json, lineage.json, best.safetensors, ...)
+]
+_SWAPPED_OUT = re.compile(r"\.(?P<name>step-\d{7}|adapter|model|data)\.old-\d+")  # the copy being replaced
+
+
+def remove_killed_saves(run_dir: Path) -> list[str]:
+    """Delete what saves killed midway left in `run_dir` and its checkpoints/ (on the next start of the run, so
+    they never pile up). A swapped-out copy whose replacement never arrived is put back instead: it is complete.
+    Returns the names removed or restored."""
+    done = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            swapped = _SWAPPED_OUT.fullmatch(p.name)
+            if swapped and not (folder / swapped["name"]).exists():
+                p.replace(folder / swapped["name"])
+            elif swapped or any(pattern.fullmatch(p.name) for pattern in _KILLED_SAVES):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            else:
+                continue
+            done.append(str(p.relative_to(run_dir)))
+    return done
 
 
 def sharded_optimizer_dir(folder: Path, step: int) -> Path:

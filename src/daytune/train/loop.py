@@ -302,7 +302,7 @@ def start(s: Session) -> None:
         f"x{s.world}, budget {tc.budget or 'none'}."
     )
     if s.is_main:
-        with tempfile.TemporaryDirectory(dir=s.run.path) as probe:
+        with tempfile.TemporaryDirectory(prefix=".save-probe.", dir=s.run.path) as probe:
             _, seconds = save_checkpoint(s.unwrapped, s.optimizer, {"step": 0}, Path(probe), keep=1)
         s.budget.record_save(seconds)
 
