@@ -35,8 +35,9 @@ def test_no_budget_means_none():
 
 
 def test_budget_stops_before_a_step_would_cross_the_deadline():
-    b = Budget(seconds=10.0, spent_before=0.0)
-    b.start -= 5.0  # 5 s already used
+    now = [0.0]
+    b = Budget(seconds=10.0, spent_before=0.0, clock=lambda: now[0])
+    now[0] = 5.0  # 5 s already used
     b.record_save(0.5)  # reserve 1 s
     b.record_step(2.0)  # next step estimated at 3 s: 5 + 3 + 1 < 10
     assert not b.should_stop()
@@ -45,8 +46,8 @@ def test_budget_stops_before_a_step_would_cross_the_deadline():
 
 
 def test_budget_counts_time_from_before_a_resume():
-    b = Budget(seconds=100.0, spent_before=99.5)
-    assert b.should_stop() and b.remaining() < 0.5
+    b = Budget(seconds=100.0, spent_before=99.5, clock=lambda: 7.0)
+    assert b.should_stop() and b.remaining() == 0.5
 
 
 def test_unknown_key_names_it_and_lists_valid(tmp_path):
