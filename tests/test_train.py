@@ -4,6 +4,7 @@ and signals always end with a saved model."""
 import math
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -396,6 +397,7 @@ def test_a_resumed_budget_run_reproduces_the_uninterrupted_one(tiny_recipe, monk
     with pytest.raises(Crash):
         train_on_clock(cfg, crashed, StepClock(monkeypatch))
     monkeypatch.setattr(RunDir, "log", real_log)
+    assert "daytune-system" not in {t.name for t in threading.enumerate()}  # the crash stopped the sampler
     checkpoint = find_resume_checkpoint(crashed)
     assert checkpoint.name == "step-0000004"
     resumed = train_on_clock(cfg, crashed, StepClock(monkeypatch), resume=checkpoint)

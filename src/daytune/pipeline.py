@@ -143,14 +143,10 @@ def train_run(
     """The train stage: set up, write the planner's prediction for this run to plan.json (before any step, to
     compare with what the run measures), then fit; `resume` is a checkpoint to carry on from."""
     session = setup(cfg, run, reporter, resume)
-    try:
-        if session.is_main:
-            facts = (session.model_dir, session.device, session.precision, session.examples, session.stats)
-            write_run_plan(run, cfg, *facts, session.reporter.log)
-        return fit(session)
-    except BaseException:
-        session.tracker.abandon()  # stop the system sampler, mark the backends' runs failed
-        raise
+    if session.is_main:
+        facts = (session.model_dir, session.device, session.precision, session.examples, session.stats)
+        write_run_plan(run, cfg, *facts, session.reporter.log)
+    return fit(session)
 
 
 @contextmanager

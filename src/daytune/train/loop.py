@@ -191,7 +191,16 @@ def setup(
 
 
 def fit(s: Session) -> TrainResult:
-    """Resume (given a checkpoint), train until something ends the run, always save, write the summary."""
+    """Resume (given a checkpoint), train until something ends the run, always save, write the summary. A run
+    that fails stops its tracker (the system sampler, the backends' runs marked failed) before the error goes on."""
+    try:
+        return _fit(s)
+    except BaseException:
+        s.tracker.abandon()
+        raise
+
+
+def _fit(s: Session) -> TrainResult:
     tc, budget = s.cfg.train, s.budget
     if s.resume is not None:
         restore(s)
