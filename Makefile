@@ -38,8 +38,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
 
-# Optional: HELM's own HTTP client in a separate venv (never the main one), so tests/test_serve_helm.py can drive
-# the server with HELM's HTTPModelClient and HTTPModelTokenizer. Tests skip without it; CI does not need it.
+# HELM's own HTTP client in a separate venv (never the main one), so tests/test_serve_helm.py can drive the server
+# with HELM's HTTPModelClient and HTTPModelTokenizer. .ci/run builds it (the test fails there without it); locally
+# the test skips without it. torch comes from TORCH_SPEC and helm-constraints.txt pins it, so no CUDA build is pulled.
 HELM_VENV ?= .venv-helm
 helm-venv: $(HELM_VENV)/.daytune-helm
 

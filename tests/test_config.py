@@ -35,8 +35,9 @@ def test_no_budget_means_none():
 
 
 def test_budget_stops_before_a_step_would_cross_the_deadline():
-    b = Budget(seconds=10.0, spent_before=0.0)
-    b.start -= 5.0  # 5 s already used
+    now = [0.0]
+    b = Budget(seconds=10.0, spent_before=0.0, clock=lambda: now[0])
+    now[0] = 5.0  # 5 s already used
     b.record_save(0.5)  # reserve 1 s
     b.record_step(2.0)  # next step estimated at 3 s: 5 + 3 + 1 < 10
     assert not b.should_stop()
@@ -45,8 +46,8 @@ def test_budget_stops_before_a_step_would_cross_the_deadline():
 
 
 def test_budget_counts_time_from_before_a_resume():
-    b = Budget(seconds=100.0, spent_before=99.5)
-    assert b.should_stop() and b.remaining() < 0.5
+    b = Budget(seconds=100.0, spent_before=99.5, clock=lambda: 7.0)
+    assert b.should_stop() and b.remaining() == 0.5
 
 
 def test_unknown_key_names_it_and_lists_valid(tmp_path):
@@ -194,3 +195,39 @@ def test_set_picks_list_items_and_names_what_is_not_a_section(tmp_path):
         load_run_config(p, ["train.lr.x=1"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_run_config(p, ["=1"])
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.lr=.nan", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("train.epochs=.inf", "train.epochs"),
+        ("train.epochs=nan", "train.epochs"),
+        ("train.warmup_steps=-3", "train.warmup_steps"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("data.val_rows=-5", "data.val_rows"),
+        ("data.max_rows=0", "data.max_rows"),
+        ("train.threads=-1", "train.threads"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.lora.dropout=1.5", "train.lora.dropout"),
+        ("train.early_stopping_patience=0", "train.early_stopping_patience"),
+        ("eval.heldout_rows=0", "eval.heldout_rows"),
+        ("eval.max_instances=-1", "eval.max_instances"),
+        ("track.system_every=.nan", "track.system_every"),
+    ],
+)
+def test_non_finite_and_negative_values_name_the_field(override, field):
+    with pytest.raises(
+        ConfigError, match=rf"command line: {field}: must|command line: {field}: expected a finite"
+    ):
+        load_run_config(None, [override])
+
+
+def test_a_non_finite_lr_exits_2_before_training(capsys, tiny_recipe):
+    from daytune.cli import main
+
+    code = main(["--quiet", "train", str(tiny_recipe()), "--set", "train.lr=.nan"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.lr: expected a finite number" in err and "internal error" not in err

@@ -48,6 +48,28 @@ def test_bad_utf8_names_line(tmp_path):
         read_instructions(p)
 
 
+def test_bom_deep_nesting_and_null_fields(tmp_path):
+    """A UTF-8 BOM is accepted (as `data prepare` accepts it); a deeply nested line and a null field are errors
+    naming file:line, not a RecursionError or a "missing" field that is present."""
+    from daytune.data.jsonl import read_records
+
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    assert [r["output"] for r in read_instructions(p)] == ["b", "d"]
+    assert [r["output"] for r in read_records(p)] == ["b", "d"]
+    deep = "[" * 100_000 + "]" * 100_000
+    p = write(tmp_path / "deep.jsonl", ['{"instruction": "a", "output": "b"}', f'{{"instruction": {deep}}}'])
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: JSON nested too deeply"):
+        read_records(p)
+    p = write(tmp_path / "null.jsonl", ['{"instruction": null, "output": "b"}'])
+    with pytest.raises(DataError, match=r"null\.jsonl:1: field 'instruction' is null; expected a string"):
+        read_instructions(p)
+    with pytest.raises(DataError, match=r"null\.jsonl:1: field 'instruction' is null"):
+        read_records(p)
+    p = write(tmp_path / "input.jsonl", ['{"instruction": "a", "input": null, "output": "b"}'])
+    assert read_records(p)[0]["input"] == ""  # an optional field may be null
+
+
 def test_multiple_choice_validation(tmp_path):
     p = write(tmp_path / "m.jsonl", [json.dumps({"question": "q", "choices": ["a", "b"], "answer": 2})])
     with pytest.raises(DataError, match=r"m\.jsonl:1: 'answer' must be an index"):

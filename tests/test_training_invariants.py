@@ -162,9 +162,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tiny_recipe, tmp_pat
     (full,) = (tmp_path / "runs").iterdir()
     reference = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
 
-    proc = _train_cli(recipe)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    proc, runs = _train_cli(recipe), []
+    deadline = time.monotonic() + 600  # a hang guard: on a busy machine the run reaches step 10 late
+    while time.monotonic() < deadline and proc.poll() is None:
         runs = [p for p in (tmp_path / "runs").iterdir() if p != full]
         metrics = runs[0] / "metrics.jsonl" if runs else None
         if metrics and metrics.is_file() and len(metrics.read_text().splitlines()) >= 10:
@@ -218,3 +218,53 @@ def test_two_processes_equal_one_with_double_accumulation(tiny_recipe, tmp_path)
     wa = load_file(str(runs[1] / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(runs[2] / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import daytune.train.checkpoint, daytune.train.methods
+from daytune.cli import main
+
+def killing(module, name):
+    real = module.replace_dir_atomic
+    def replace(tmp, final):
+        if final.name == name:  # the folder is written, not yet renamed into place
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(tmp, final)
+    module.replace_dir_atomic = replace
+
+killing(daytune.train.checkpoint, sys.argv[1])
+killing(daytune.train.methods, sys.argv[1])
+sys.exit(main(["--quiet", "train", *sys.argv[2:]]))
+"""
+
+
+def _hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.startswith("tmp"))
+
+
+def test_saves_killed_midway_are_cleaned_on_the_next_start(tiny_recipe, tmp_path):
+    """SIGKILL in the middle of a checkpoint save, then in the middle of the final adapter save: each next start
+    of the run removes what the killed save left; a checkpoint swapped out but never replaced is put back."""
+    from daytune.cli import main
+
+    recipe = tiny_recipe(train={"max_steps": 5, "checkpoint_every": 1, "keep_checkpoints": 10})
+    kill = [sys.executable, "-c", KILL_DURING_SAVE]
+    assert subprocess.run([*kill, "step-0000003", str(recipe)]).returncode == -signal.SIGKILL
+    (run,) = (tmp_path / "runs").iterdir()
+    (left,) = _hidden(run / "checkpoints")
+    assert left.startswith(".step-0000003.")  # a complete-looking folder that was never renamed into place
+    assert subprocess.run([*kill, "adapter", "--resume", str(run)]).returncode == -signal.SIGKILL
+    assert _hidden(run / "checkpoints") == []  # the second start removed the first one's leftover
+    (left,) = _hidden(run)
+    assert left.startswith(".adapter.")
+    # killed between the two renames of a re-save: only the swapped-out copy of step 5 exists
+    (run / "checkpoints" / "step-0000005").rename(run / "checkpoints" / ".step-0000005.old-4242")
+    (run / ".summary.json.abcd1234.tmp").write_text("{")
+    (run / ".save-probe.x1y2z3").mkdir()
+    assert main(["--quiet", "train", "--resume", str(run)]) == 0
+    assert _hidden(run) == [] and _hidden(run / "checkpoints") == []
+    assert (run / "checkpoints" / "step-0000005" / "state.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]

@@ -8,6 +8,7 @@ the command line overrides any field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -214,10 +215,33 @@ class RunConfig:
             ("train.prompt.num_virtual_tokens", self.train.prompt.num_virtual_tokens, 1),
             ("train.adapter.adapter_len", self.train.adapter.adapter_len, 1),
             ("train.freeze.top_k", self.train.freeze.top_k, 1),
+            ("train.warmup_steps", self.train.warmup_steps, 0),
             ("eval.batch_size", self.eval.batch_size, 1),
+            ("eval.heldout_rows", self.eval.heldout_rows, 1),
+            ("eval.multiple_choice_rows", self.eval.multiple_choice_rows, 1),
         ]:
             if value < low:
                 raise ConfigError(f"{name}: must be at least {low}, got {value}")
+        for name, value, unset in [  # optional counts: null means "all" or "the default"
+            ("data.val_rows", self.data.val_rows, "all rows"),
+            ("data.max_rows", self.data.max_rows, "all rows"),
+            ("train.threads", self.train.threads, "torch's default"),
+            ("train.early_stopping_patience", self.train.early_stopping_patience, "no early stopping"),
+            ("train.adapter.adapter_layers", self.train.adapter.adapter_layers, "all layers"),
+            ("eval.max_instances", self.eval.max_instances, "all instances"),
+        ]:
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be at least 1 (or null for {unset}), got {value}")
+        for name, value in [
+            ("train.grad_clip", self.train.grad_clip),  # a negative norm would flip the gradients
+            ("track.peak_tflops", self.track.peak_tflops),
+        ]:
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be positive (or null to turn it off), got {value}")
+        if self.train.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: must be at least 0, got {self.train.weight_decay}")
+        if not 0 <= self.train.lora.dropout < 1:
+            raise ConfigError(f"train.lora.dropout: must be within [0, 1), got {self.train.lora.dropout}")
         if self.train.lr <= 0:
             raise ConfigError(f"train.lr: must be positive, got {self.train.lr}")
         if self.train.epochs <= 0:
@@ -300,9 +324,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # YAML's .nan/.inf and the strings "nan"/"inf" parse as floats
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

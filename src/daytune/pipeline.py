@@ -9,6 +9,9 @@ its fingerprint, so a resume trains on exactly the same rows.
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from daytune.models import ModelSource
 from daytune.plan import write_run_plan
 from daytune.progress import Reporter
 from daytune.track import RunDir, record_eval
+from daytune.train.checkpoint import list_checkpoints, remove_killed_saves
 from daytune.train.loop import find_resume_checkpoint, fit, setup
 from daytune.train.state import TrainResult
 
@@ -31,7 +35,8 @@ def start_or_resume(
     """A new run folder, or (with --resume) the existing one and its newest checkpoint."""
     if resume is None:
         run = _new_run(cfg, argv)
-        prepare_run_data(cfg, run, reporter)
+        with discard_if_it_fails(run):
+            prepare_run_data(cfg, run, reporter)
         return cfg, run, None
     if resume == "auto":
         if cfg is None:
@@ -42,6 +47,12 @@ def start_or_resume(
     saved = load_run_config(run.path / "config.yaml", overrides)
     run.note_resume(argv)
     saved.out_dir = str(run.path.parent)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if run.read_summary().get("failed"):  # this attempt starts afresh; a new failure marks it again
+            run.update_summary(failed=None)
+        cleaned = remove_killed_saves(run.path)
+        if cleaned:
+            reporter.log(f"Cleaned up what interrupted saves left: {', '.join(cleaned)}")
     return saved, run, find_resume_checkpoint(run)
 
 
@@ -193,6 +204,22 @@ def train_run(
     return fit(session)
 
 
+@contextmanager
+def discard_if_it_fails(run: RunDir, fresh: bool = True):
+    """A new run whose train stage fails before it trained anything leaves no folder behind (so `runs list`
+    never shows it); one with checkpoints or metrics is kept, resumable, and marked failed in summary.json.
+    A resumed run's folder is never removed."""
+    try:
+        yield
+    except BaseException as e:
+        if int(os.environ.get("RANK", "0")) == 0 and run.path.is_dir():
+            if fresh and not list_checkpoints(run.checkpoints) and not run.read_metrics():
+                shutil.rmtree(run.path, ignore_errors=True)
+            else:
+                run.update_summary(failed=f"{type(e).__name__}: {e}")
+        raise
+
+
 def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
     if out_dir.is_dir():
         for path in sorted((p for p in out_dir.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
@@ -240,10 +267,12 @@ def evaluate_pair(
     return results
 
 
-def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter) -> dict:
-    results = evaluate_pair(cfg, cfg.model, run.trained, reporter, suite_dir=run.path / "eval")
+def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter, tuned: bool = True) -> dict:
+    """The run's evaluation: the base model and (`tuned`) the trained one."""
+    trained = run.trained if tuned else None
+    results = evaluate_pair(cfg, cfg.model, trained, reporter, suite_dir=run.path / "eval")
     run.update_summary(eval=results)
-    record_eval(run, cfg, results, None, cfg.model, run.trained)  # lineage; W&B/MLflow when configured
+    record_eval(run, cfg, results, None, cfg.model, trained)  # lineage; W&B/MLflow when configured
     return results
 
 
@@ -342,10 +371,14 @@ def run_recipe(
         run_suite_plan(cfg, cfg.eval.suite, cfg.eval.scenarios, cfg.eval.max_instances)
     cfg, run, checkpoint = start_or_resume(cfg, argv, resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
-    train_run(cfg, run, reporter, resume=checkpoint)
+    with discard_if_it_fails(run, fresh=checkpoint is None):
+        result = train_run(cfg, run, reporter, resume=checkpoint)
     gc.collect()
     if cfg.eval.heldout or cfg.eval.multiple_choice or cfg.eval.suite:
-        results = evaluate_run(cfg, run, reporter)
+        trained = result.steps > 0  # an untrained adapter is not evaluated as the tuned model
+        if not trained:
+            reporter.print("Not evaluating the untrained adapter as 'tuned'.", style="bold red")
+        results = evaluate_run(cfg, run, reporter, tuned=trained)
         reporter.print(eval_table(results))
     reporter.print(f"\nRun folder: [bold]{run.path}[/bold]")
     reporter.print(f"Serve it:   daytune serve --run {run.path}")

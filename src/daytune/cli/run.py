@@ -56,11 +56,12 @@ def cmd_run(args, reporter) -> int:
 
 
 def cmd_train(args, reporter) -> int:
-    from daytune.pipeline import start_or_resume, train_run
+    from daytune.pipeline import discard_if_it_fails, start_or_resume, train_run
 
     cfg, overrides = _recipe(args)
     cfg, run, checkpoint = start_or_resume(cfg, ["daytune", *sys.argv[1:]], args.resume, reporter, overrides)
     reporter.log(f"Run folder: {run.path}")
-    train_run(cfg, run, reporter, resume=checkpoint)
+    with discard_if_it_fails(run, fresh=checkpoint is None):
+        train_run(cfg, run, reporter, resume=checkpoint)
     reporter.print(f"Run folder: {run.path}")
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from daytune.data.jsonl import NESTED
 from daytune.errors import DataError
 
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet")
@@ -94,9 +95,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             yield where, RowError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
             continue
         try:
-            yield where, json.loads(text)
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
-            yield where, RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            obj = RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+        except RecursionError:
+            obj = RowError(f"{where}: {NESTED}")
+        yield where, obj
 
 
 def iter_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -124,6 +128,8 @@ def iter_json(path: Path) -> Iterator[tuple[str, Any]]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise fail(e) from None
+        except RecursionError:
+            raise DataError(f"{path}: {NESTED}") from None
         yield f"{path}:{text.count(chr(10), 0, i) + 1}", obj
         return
     line, pos = 1 + text.count("\n", 0, i), i
@@ -137,6 +143,8 @@ def iter_json(path: Path) -> Iterator[tuple[str, Any]]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise fail(e) from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: {NESTED}") from None
         yield f"{path}:{line}", obj
         i = skip_ws(end)
         if i < n and text[i] == ",":

@@ -10,6 +10,8 @@ from typing import Any
 from daytune.data.records import text_field
 from daytune.errors import DataError
 
+NESTED = "JSON nested too deeply to read (thousands of levels of arrays or objects)"
+
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line."""
@@ -20,7 +22,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int
     with open(path, "rb") as f:  # binary: a decoding error is reported on its own line
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may start the file
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
@@ -31,6 +33,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: {NESTED}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             count += 1

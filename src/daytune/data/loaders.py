@@ -61,6 +61,8 @@ class Loaded:
 def _str(obj: dict, key: str, where: str, required: bool = True) -> str:
     value = obj.get(key)
     if value is None:
+        if required and key in obj:
+            raise RowError(f"{where}: field '{key}' is null; expected a string")
         if required:
             raise RowError(
                 f"{where}: missing field '{key}' (fields present: {', '.join(sorted(obj)) or 'none'})"

@@ -100,10 +100,12 @@ def text_field(obj: dict, key: str, where: str, required: bool) -> str:
     """A string field of a row; `where` (file:line) starts every error."""
     value = obj.get(key)
     if value is None:
+        if required and key in obj:
+            raise DataError(f"{where}: field '{key}' is null; expected a string")
         if required:
             keys = ", ".join(sorted(obj)) or "none"
             raise DataError(f"{where}: missing field '{key}' (fields present: {keys})")
-        return ""
+        return ""  # an optional field (input) may be absent or null
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
     return value

@@ -97,6 +97,8 @@ def run_facts(run: RunDir) -> dict[str, Any]:
     final_loss = train.get("final_loss", metrics[-1].get("loss") if metrics else None)
     if summary.get("finished"):
         status = "finished"
+    elif summary.get("failed"):  # kept because it has checkpoints or metrics; resumable
+        status = "failed"
     elif train:
         status = f"stopped ({train.get('stopped_by')})"
     else:

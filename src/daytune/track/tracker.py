@@ -206,7 +206,7 @@ class Tracker:
             else:
                 refs[guarded.name] = {**refs.get(guarded.name, {}), "error": guarded.failed}
         write_json_atomic(path / "tracking.json", tracking)
-        atexit.register(self._abandon)
+        atexit.register(self.abandon)
         return self
 
     def _start_info(self, job: str, previous: dict[str, Any]) -> StartInfo:
@@ -383,7 +383,7 @@ class Tracker:
             for b in self.backends:
                 b.call("log_system", flat, self.step)
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         """At interpreter exit without `finish` (a crash): stop sampling and mark the backends' runs failed."""
         if self.finished or not self.enabled:
             return

@@ -23,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ from daytune.train.checkpoint import (
 from daytune.train.memory import return_freed_memory
 from daytune.train.probe import ProbeResult, resolve_micro_batch
 from daytune.train.state import TrainResult, TrainState
-from daytune.units import parse_duration, parse_interval
+from daytune.units import format_duration, parse_duration, parse_interval
 
 
 @dataclass
@@ -106,14 +107,19 @@ class Session:
 
 
 def setup(
-    cfg: RunConfig, run: RunDir, reporter: Reporter | None = None, resume: Path | None = None
+    cfg: RunConfig,
+    run: RunDir,
+    reporter: Reporter | None = None,
+    resume: Path | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Session:
     """Everything before the first step: device and precision, model + method, data, micro-batch (auto probes
-    here, before the optimizer exists), optimizer, batch plan. The budget's clock starts now. Restoring `resume`
-    is left to `fit`, so the random states it restores are the last word before the first step."""
+    here, before the optimizer exists), optimizer, batch plan. The budget's clock starts now; every duration
+    the budget decides on is read from `clock` (tests pass a fake one). Restoring `resume` is left to `fit`, so
+    the random states it restores are the last word before the first step."""
     reporter = reporter or Reporter(quiet=True)
     tc = cfg.train
-    budget = Budget(parse_duration(tc.budget, "train.budget"))
+    budget = Budget(parse_duration(tc.budget, "train.budget"), clock=clock)
     return_freed_memory()
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -188,7 +194,16 @@ def setup(
 
 
 def fit(s: Session) -> TrainResult:
-    """Resume (given a checkpoint), train until something ends the run, always save, write the summary."""
+    """Resume (given a checkpoint), train until something ends the run, always save, write the summary. A run
+    that fails stops its tracker (the system sampler, the backends' runs marked failed) before the error goes on."""
+    try:
+        return _fit(s)
+    except BaseException:
+        s.tracker.abandon()
+        raise
+
+
+def _fit(s: Session) -> TrainResult:
     tc, budget = s.cfg.train, s.budget
     if s.resume is not None:
         restore(s)
@@ -201,6 +216,11 @@ def fit(s: Session) -> TrainResult:
     s.model.train()
     if budget.seconds is not None and st.step < st.max_steps:  # before any step is measured
         budget.prior_step = first_step_estimate(s)
+        (no_time,) = agree(s, st.step == 0 and budget.should_stop())
+        if (
+            no_time
+        ):  # the setup alone used the budget: no step can be trained, say so rather than save nothing
+            raise RunError(budget_too_short(s))
     with _StopFlag() as stop, s.reporter.task("train", st.max_steps) as bar:
         bar.update(st.step, budget_info(budget.elapsed(), budget.seconds))
         while st.step < st.max_steps:
@@ -208,7 +228,7 @@ def fit(s: Session) -> TrainResult:
             if signalled or out_of_time:
                 stopped_by = "signal" if signalled else "budget"
                 break
-            t_step = time.perf_counter()
+            t_step = budget.clock()
             first = st.step * s.per_step
             # every process's micro-batches, in order; this process takes every world-th one
             micro = [s.plan.get(first + j) for j in range(s.per_step)]
@@ -229,7 +249,7 @@ def fit(s: Session) -> TrainResult:
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             st.step += 1
-            dt = time.perf_counter() - t_step
+            dt = budget.clock() - t_step
             budget.record_step(dt)
             n_tokens = sum(plan_tokens(s.plan, s.examples, mb) for mb in micro)
             padded = sum(plan_positions(s.plan, s.examples, mb) for mb in micro)
@@ -256,10 +276,10 @@ def fit(s: Session) -> TrainResult:
             now = time.monotonic()
             (do_eval,) = agree(s, eval_due.due(st.step, now) and budget.can_afford(eval_seconds))
             if do_eval:  # every process evaluates (sharded models need them all); all see the same loss
-                t_eval = time.perf_counter()
+                t_eval = budget.clock()
                 val_loss = evaluate(s)
                 record["val_loss"] = round(val_loss, 6)
-                eval_seconds = time.perf_counter() - t_eval
+                eval_seconds = budget.clock() - t_eval
             lengths = [len(s.examples[i].input_ids) for mb in micro for row in mb for i in row]
             # the tracker adds samples/s, FLOPs, MFU; writes metrics.jsonl; feeds W&B/MLflow
             s.tracker.log(record, lengths)
@@ -310,26 +330,44 @@ def start(s: Session) -> None:
         f"x{s.world}, budget {tc.budget or 'none'}."
     )
     if s.is_main:
-        with tempfile.TemporaryDirectory(dir=s.run.path) as probe:
-            _, seconds = save_checkpoint(s.unwrapped, s.optimizer, {"step": 0}, Path(probe), keep=1)
-        s.budget.record_save(seconds)
+        t_save = s.budget.clock()
+        with tempfile.TemporaryDirectory(prefix=".save-probe.", dir=s.run.path) as probe:
+            save_checkpoint(s.unwrapped, s.optimizer, {"step": 0}, Path(probe), keep=1)
+        s.budget.record_save(s.budget.clock() - t_save)
 
 
 def first_step_estimate(s: Session) -> float:
     """Seconds one micro-batch's forward and backward take, from one timed forward pass. The first step is
     guarded micro-batch by micro-batch (forward_backward), so the stop rule needs only this to fit; counting the
     whole accumulation would refuse a step that fits (the cold first forward is already slower than the steady
-    state)."""
+    state). The pass runs in eval mode under a forked RNG: it draws no dropout masks, so a resumed run trains
+    on the random numbers the uninterrupted one did."""
     first_mb = s.plan.get(s.state.step * s.per_step + s.rank)
     batch = {
         k: v.to(s.device)
         for k, v in make_batch(s.plan, s.examples, first_mb, s.tokenizer.pad_token_id).items()
         if k != "n_tokens"
     }
-    t_probe = time.perf_counter()
-    with torch.no_grad(), s.accelerator.autocast():
-        response_loss(s.model, batch)
-    return 3 * (time.perf_counter() - t_probe)  # backward ~ 2x forward
+    devices = [s.device] if s.device.type == "cuda" else []
+    t_probe = s.budget.clock()
+    s.model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), s.accelerator.autocast():
+            response_loss(s.model, batch)
+    finally:
+        s.model.train()
+    return 3 * (s.budget.clock() - t_probe)  # backward ~ 2x forward
+
+
+def budget_too_short(s: Session) -> str:
+    """The error for a budget the setup used up: what the setup took and what one step and the save need."""
+    b, tc = s.budget, s.cfg.train
+    need = b.next_step_estimate() + b.save_reserve
+    return (
+        f"train.budget: {tc.budget} is too short: the setup (loading {s.cfg.model}, tokenizing "
+        f"{len(s.examples)} examples, a timed save) took {b.elapsed():.1f}s, and one step plus the final save "
+        f"need about {need:.1f}s more; give at least {format_duration(math.ceil(1.5 * (b.elapsed() + need)))}"
+    )
 
 
 def agree(s: Session, *flags: bool) -> list[bool]:
@@ -357,7 +395,7 @@ def forward_backward(s: Session, mine: list, n_target: int, t_step: float) -> tu
             acc.backward(loss * s.world / max(1, n_target))  # DDP averages over processes
         loss_sum += float(loss.detach())
         if budget.seconds is not None and j < len(mine) - 1:
-            per_micro = (time.perf_counter() - t_step) / (j + 1)
+            per_micro = (budget.clock() - t_step) / (j + 1)
             (abandoned,) = agree(
                 s, budget.remaining() < per_micro * (len(mine) - j - 1) + budget.save_reserve
             )
@@ -410,10 +448,11 @@ def checkpoint(s: Session) -> None:
     if s.is_main:
         weights, keep = trainable_only(s, full), s.cfg.train.keep_checkpoints
         s.state.elapsed = s.budget.elapsed()
-        saved_to, seconds = save_checkpoint(
+        t_save = s.budget.clock()
+        saved_to, _ = save_checkpoint(
             s.unwrapped, s.optimizer, s.state.to_json(), s.run.checkpoints, keep, rngs, weights
         )
-        s.budget.record_save(seconds)
+        s.budget.record_save(s.budget.clock() - t_save)
         s.tracker.checkpoint(saved_to, s.state.step)
     s.accelerator.wait_for_everyone()
 
@@ -494,6 +533,20 @@ def summarize(s: Session, result: TrainResult, out_dir: Path) -> None:
     )
     if findings:
         s.reporter.print(format_findings(findings), markup=False)
+    if result.steps == 0:
+        s.reporter.print(untrained_warning(result), style="bold red", markup=False)
+
+
+def untrained_warning(result: TrainResult) -> str:
+    why = (
+        "the budget left no time for one"
+        if result.stopped_by == "budget"
+        else f"stopped by {result.stopped_by}"
+    )
+    return (
+        f"warning: no optimizer step was trained ({why}): {result.output_dir} holds the untrained starting "
+        "point, not a tuned model"
+    )
 
 
 # ---- the schedule, signals, intervals, data ------------------------------------------------------------------

@@ -15,7 +15,6 @@ the rest: the effective batch stays what the recipe asked for.
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -262,7 +261,9 @@ def resolve_micro_batch(
             tc.grad_accum = accumulation(tc.batch_size, tc.micro_batch, world)
         return None
     if resume is not None:  # keep the micro-batch the interrupted run chose: the batch order depends on it
-        state = json.loads((Path(resume) / "state.json").read_text(encoding="utf-8"))
+        from daytune.train.checkpoint import read_state
+
+        state = read_state(Path(resume))
         if "micro_batch" in state:
             tc.micro_batch, tc.grad_accum = int(state["micro_batch"]), int(state["grad_accum"])
             return ProbeResult(
