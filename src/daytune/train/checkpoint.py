@@ -1,8 +1,8 @@
 """Checkpoints that survive a crash: written under a temporary name and renamed into place when complete.
 
 A checkpoint folder holds `weights.safetensors` (the parameters that train, by name, unsharded), `optimizer.pt`
-(or `optimizer-<rank>.pt` per process when FSDP/DeepSpeed shard the optimizer; loaded with weights_only=True:
-tensors and numbers, never arbitrary pickles), `rng-<rank>.safetensors` per process, and `state.json` (step,
+(or `optimizer-<rank>.pt` per process when FSDP shards the optimizer; loaded with weights_only=True: tensors and
+numbers, never arbitrary pickles; DeepSpeed's engine state instead goes to `deepspeed/`, through accelerate), `rng-<rank>.safetensors` per process, and `state.json` (step,
 tokens, elapsed time, schedule, `random`'s state), written last. Beside them, `best.safetensors` keeps the
 trainable weights of the best validation loss so far, for early stopping.
 """
@@ -122,17 +122,24 @@ def save_checkpoint(
     return final, time.perf_counter() - t0
 
 
-def load_checkpoint(path: Path, model, optimizer, rank: int = 0) -> dict[str, Any]:
-    """Restore trainable weights, optimizer state and RNG states; return the saved training state."""
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0, engine_state=None) -> dict[str, Any]:
+    """Restore trainable weights, optimizer state and RNG states; return the saved training state.
+    `engine_state(folder)`: loads a DeepSpeed run's `deepspeed/` folder (accelerate's load_state), whose
+    optimizer partitions are not plain tensors."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         load_trainable_state(model, load_file(str(path / "weights.safetensors")), str(path))
-        optim_file = (
-            path / f"optimizer-{rank}.pt"
-            if (path / f"optimizer-{rank}.pt").is_file()
-            else path / "optimizer.pt"
-        )
-        optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
+        if (path / "deepspeed").is_dir():
+            if engine_state is None:
+                raise RunError(f"{path}: a DeepSpeed checkpoint; resume it under the same DeepSpeed launch")
+            engine_state(str(path / "deepspeed"))
+        else:
+            optim_file = (
+                path / f"optimizer-{rank}.pt"
+                if (path / f"optimizer-{rank}.pt").is_file()
+                else path / "optimizer.pt"
+            )
+            optimizer.load_state_dict(torch.load(optim_file, map_location="cpu", weights_only=True))
         rng_file = path / f"rng-{rank}.safetensors"
         if not rng_file.is_file():
             raise RunError(
