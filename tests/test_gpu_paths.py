@@ -398,16 +398,19 @@ def test_packed_losses_equal_unpacked_on_the_varlen_path(tiny_model_dir, referen
         )
 
 
-def test_training_takes_the_varlen_path_on_cuda(tiny_recipe, reference_varlen, monkeypatch):
-    """Where the kernel runs (CUDA, 16-bit), a packed run trains by segments; the losses are the mask path's."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_takes_the_varlen_path_on_cuda(tiny_recipe, reference_varlen, monkeypatch, checkpointing):
+    """Where the kernel runs (CUDA, 16-bit), a packed run trains by segments (also through recomputed blocks);
+    the losses are the mask path's."""
     import daytune.train.loop as loop
 
     losses = {}
     for varlen in (False, True):
         monkeypatch.setattr(loop, "varlen_available", lambda device, dtype, v=varlen: v)
-        cfg = load_run_config(tiny_recipe(data={"packing": True, "max_rows": 24}, train={"max_steps": 2}))
+        train = {"max_steps": 2, "gradient_checkpointing": checkpointing}
+        cfg = load_run_config(tiny_recipe(data={"packing": True, "max_rows": 24}, train=train))
         run = new_run(cfg)
-        train_run(cfg, run)
+        assert train_run(cfg, run).attention == ("varlen" if varlen else "sdpa")
         losses[varlen] = [m["loss"] for m in run.read_metrics()]
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
     assert not reference_varlen.varlen_available(torch.device("cpu"), torch.bfloat16)

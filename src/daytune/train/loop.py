@@ -542,6 +542,7 @@ def result_of(
         truncated=s.stats.truncated,
         peak_rss_mb=round(peak_rss_mb(), 1),
         **gpu_peaks(s.device),
+        attention="varlen" if s.varlen else "sdpa",
         micro_batch=st.micro_batch,
         grad_accum=st.grad_accum,
         micro_batch_probe=s.probed.to_dict() if s.probed else None,
