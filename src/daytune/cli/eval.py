@@ -64,6 +64,11 @@ def add_parser(sub) -> None:
         "<repo>/../shared/data)",
     )
     sp.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (local model)")
+    sp.add_argument(
+        "--device",
+        help="where a local model runs: auto (the GPU when there is one; default), cpu, cuda, cuda:N; weights in "
+        "bf16 on GPUs (fp16 before Ampere), fp32 on CPUs. With --recipe, the default is its train.device",
+    )
     sp.add_argument("--concurrency", type=int, default=4, help="requests in flight (--http)")
     sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     sp.add_argument(
@@ -145,7 +150,13 @@ def _suite(args, reporter) -> int:
 
         lm = HttpLM(args.http or None, concurrency=args.concurrency)
     req = SuiteRequest(
-        args.suite, scenarios, args.max_instances, args.data_root, args.bootstrap, args.batch_size
+        args.suite,
+        scenarios,
+        args.max_instances,
+        args.data_root,
+        args.bootstrap,
+        args.batch_size,
+        args.device or "auto",
     )
     evaluate_suite(source, req, out, reporter, with_base=args.with_base, lm=lm)
     return 0
@@ -159,7 +170,15 @@ def _harness(args, reporter, source, out: Path) -> int:
         raise DaytuneError("--harness runs on a local model (--model or --run), not --http")
     tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
     summary = evaluate_harness(
-        source, tasks, out, reporter, args.data_root, args.limit, args.num_fewshot, args.batch_size
+        source,
+        tasks,
+        out,
+        reporter,
+        args.data_root,
+        args.limit,
+        args.num_fewshot,
+        args.batch_size,
+        args.device or "auto",
     )
     reporter.print(harness_markdown(summary), markup=False)
     reporter.print(f"Results: {out / 'harness.json'}")
@@ -176,7 +195,7 @@ def _recipe(args, reporter) -> int:
     source = _source(args, reporter)
     cfg = load_run_config(args.recipe, args.set)
     out = Path(args.out or (source.run_dir / "eval.json" if source.run_dir else "eval.json"))
-    results = evaluate_recipe(cfg, source, out, reporter)
+    results = evaluate_recipe(cfg, source, out, reporter, args.device)
     reporter.print(eval_table(results))
     reporter.print(f"Results: {out}")
     return 0

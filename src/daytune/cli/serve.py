@@ -32,7 +32,12 @@ def add_serve_parser(sub) -> None:
     sp.add_argument("--run-id", help="the run id /health reports (with --model; --run sets it itself)")
     sp.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the GPU when there is one), cpu, cuda, cuda:N; weights load straight onto it, in bf16 on "
+        "GPUs (fp16 before Ampere), fp32 on CPUs",
+    )
     sp.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     sp.add_argument(
         "--token",
@@ -66,7 +71,10 @@ def add_export_parser(sub) -> None:
         "--merge", action="store_true", help="fold the adapter into the base: a full HF model folder"
     )
     sp.add_argument(
-        "--dtype", default="float32", help="weights dtype of a merged model: float32, bfloat16, float16"
+        "--dtype",
+        default="auto",
+        help="weights dtype of a merged model: auto (what the weights came in: the base's dtype, a QLoRA run's "
+        "compute dtype), float32, bfloat16, float16",
     )
 
 

@@ -98,9 +98,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return pad_batch(examples, pad_id)
 
 
-def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[list[Example]], pad_id: int, varlen: bool = False) -> dict[str, torch.Tensor]:
     """Several examples per row: positions restart at 0 for each example, attention is block-diagonal causal, and
-    the first token of each example carries no label (it would be predicted from the previous example)."""
+    the first token of each example carries no label (it would be predicted from the previous example).
+    `varlen`: instead of the (batch, 1, seq, seq) mask, the segments of the rows flattened one after the other
+    (each example, and each row's padding, one segment) for variable-length attention on CUDA."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     b = len(rows)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -117,6 +119,25 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
             positions[r, at : at + n] = torch.arange(n)
             segments[r, at : at + n] = s
             at += n
+    if varlen:
+        lengths = []
+        for row in rows:
+            lengths += [len(e.input_ids) for e in row]
+            used = sum(len(e.input_ids) for e in row)
+            lengths += [width - used] if used < width else []
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        longest = torch.tensor(max(lengths))
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": positions,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+            "n_tokens": torch.tensor(int((segments >= 0).sum())),
+        }
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0) & causal
     mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked rows, no NaN
@@ -130,10 +151,12 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
 
 
 def make_batch(
-    plan: BatchPlan, examples: list[Example], micro: MicroBatch, pad_id: int
+    plan: BatchPlan, examples: list[Example], micro: MicroBatch, pad_id: int, varlen: bool = False
 ) -> dict[str, torch.Tensor]:
+    """One micro-batch as tensors; `varlen`: packed rows carry segments instead of a mask (a model switched
+    to variable-length attention, on CUDA)."""
     if plan.packing:
-        return collate_packed([[examples[i] for i in row] for row in micro], pad_id)
+        return collate_packed([[examples[i] for i in row] for row in micro], pad_id, varlen)
     batch = collate([examples[row[0]] for row in micro], pad_id)
     batch["n_tokens"] = batch["attention_mask"].sum()
     return batch

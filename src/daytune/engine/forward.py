@@ -19,18 +19,24 @@ def output_layer(model):
     return getattr(model, "module", model).get_output_embeddings()
 
 
+SEGMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # packed rows, varlen path
+
+
 def final_hidden(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    segments: dict | None = None,
 ) -> torch.Tensor:
     """Final (normalized) hidden states, shape (batch, seq, hidden), through the model's own forward (so PEFT
-    wrappers apply) with only the last position's logits computed."""
+    wrappers apply) with only the last position's logits computed. `segments`: a packed batch's cumulative
+    segment lengths for variable-length attention (engine/attention.py) instead of a mask."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         **({"position_ids": position_ids} if position_ids is not None else {}),
+        **(segments or {}),
         output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from daytune.engine import IGNORE_INDEX
-from daytune.engine.forward import CHUNK, final_hidden, output_layer
+from daytune.engine.forward import CHUNK, SEGMENTS, final_hidden, output_layer
 
 
 def _chunk_ce(head_weight: torch.Tensor, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,10 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
     Chunks of the output layer are recomputed in backward (activation checkpointing) when there is more than one,
     so peak memory holds one chunk of logits, not all of them."""
-    h = final_hidden(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    segments = {k: batch[k] for k in SEGMENTS if k in batch}
+    h = final_hidden(
+        model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), segments
+    )
     labels = batch["labels"][:, 1:]
     selected = labels != IGNORE_INDEX
     hs = h[:, :-1][selected]

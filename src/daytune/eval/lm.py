@@ -159,16 +159,18 @@ class LocalLM(LM):
         model_ref: str,
         trained: str | os.PathLike | None = None,
         batch_size: int = 8,
-        device: str = "cpu",
+        device: str = "auto",
         log=print,
     ) -> LocalLM:
-        """A model reference, optionally with a run's trained artifact (a PEFT adapter or a full model folder)."""
+        """A model reference, optionally with a run's trained artifact (a PEFT adapter or a full model folder), on
+        `device` (auto: the GPU when there is one) in its inference dtype (bf16 on GPUs, fp32 on CPUs)."""
         from pathlib import Path
 
+        from daytune.hardware import pick_device
         from daytune.models import ModelSource, load_for_inference
 
         source = ModelSource(model_ref, Path(trained) if trained else None)
-        model, tokenizer, _ = load_for_inference(source, device, log=log)
+        model, tokenizer, _ = load_for_inference(source, pick_device(device, "--device"), log=log)
         name = str(model_ref) + (f" + {trained}" if trained else "")
         return cls(model, tokenizer, name=name, batch_size=batch_size)
 

@@ -208,19 +208,22 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_model(path: Path, *, dtype=None, device: str | None = None):
-    """Load a causal LM from a resolved folder. `trust_remote_code` stays off."""
+def load_model(path: Path, *, dtype=None, device=None):
+    """Load a causal LM from a resolved folder. `trust_remote_code` stays off. On a GPU the weights are read
+    straight onto it in `dtype` (never a full-precision copy in host memory first)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device) if device is not None else None
+    on_gpu = {"device_map": {"": str(device)}} if device is not None and device.type == "cuda" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=False
+            path, dtype=dtype or torch.float32, trust_remote_code=False, **on_gpu
         )
     except Exception as e:
         raise ModelError(
             f"cannot load a causal language model from {path}: {type(e).__name__}: {e}"
         ) from None
-    if device:
+    if device is not None and not on_gpu:
         model.to(device)
     return model

@@ -3,8 +3,9 @@
 The prediction follows what daytune's training step really keeps alive (Hugging Face model code, PEFT adapters,
 `daytune.engine.response_loss`), tensor by tensor:
 
-- **weights**: by dtype; qlora stores the linear layers of the blocks in 4 bits (NF4 + absmax constants) and,
-  through `peft.prepare_model_for_kbit_training`, everything else in fp32;
+- **weights**: by dtype; qlora stores the linear layers of the blocks in 4 bits (NF4 + absmax constants) and
+  everything else in the run's dtype (bf16-true: bf16; otherwise fp32, as `peft.prepare_model_for_kbit_training`
+  leaves it);
 - **trainable parameters, gradients, optimizer states** (AdamW: two moments; 8-bit optimizers: one byte each);
 - **activations**: the tensors autograd saves for backward, listed per operation for each block layout (RMSNorm
   keeps an fp32 copy of its input; each LoRA dropout keeps its own copy of the adapted layer's input and, on CPUs,
@@ -47,13 +48,16 @@ class Stack:
     # logits="all": the loss is computed in this many chunks (fp32 transient per chunk)
     logits_chunks: int = 1
     adapters_fp32: bool = True  # PEFT keeps adapter weights (and casts their inputs) in fp32 on a 16-bit base
-    # prepare_model_for_kbit_training: non-quantized weights, hence activations, fp32
+    # prepare_model_for_kbit_training: non-quantized weights, hence activations, fp32 (daytune casts them back
+    # to bf16 under bf16-true: see `_qlora_fp32`)
     qlora_fp32_rest: bool = True
     quant_saves_input: bool = False  # bitsandbytes < 0.42: each 4-bit matmul kept its input for backward
     fused_qkv_lora: bool = False  # one LoRA (one dropout) on a fused qkv projection (litgpt)
     quantized_head: bool = False  # qlora also stores the output layer in 4 bits (Lightning's bnb plugin)
     # attention output is the o_proj input's storage (None: HF, by family)
     sdpa_out_shared: bool | None = None
+    # packed rows on CUDA in 16 bits attend by segments (varlen flash attention), with no mask
+    varlen_packing: bool = True
     reference: str = ""
 
 
@@ -70,6 +74,7 @@ LITGPT_2023 = Stack(
     fused_qkv_lora=True,  # LoRAQKVLinear: one dropout on the fused qkv input
     quantized_head=True,  # BitsandbytesPrecision converts every nn.Linear, lm_head included
     sdpa_out_shared=False,  # q comes from torch.cat: SDPA's output is laid out (batch, heads, seq), reshape copies
+    varlen_packing=False,
     reference="https://github.com/Lightning-AI/litgpt/blob/main/tutorials/resource-tables.md",
 )
 TORCHTUNE_2024 = Stack(
@@ -79,6 +84,7 @@ TORCHTUNE_2024 = Stack(
     logits_chunks=8,
     adapters_fp32=False,
     qlora_fp32_rest=False,  # torchao NF4 for linear weights, everything else bf16
+    varlen_packing=False,  # packed rows through a block-causal mask
     reference="https://github.com/pytorch/torchtune/blob/main/README.md",
 )
 
@@ -115,9 +121,22 @@ class Setup:
         return self.seq_len * self.micro_batch
 
     @property
+    def varlen(self) -> bool:
+        """Packed rows attend by segments, with no mask (daytune.engine.attention): on CUDA, in 16 bits, for
+        methods that add no virtual tokens."""
+        return (
+            self.packing
+            and self.stack.varlen_packing
+            and self.device_type == "cuda"
+            and self.precision != "32-true"
+            and self.method not in ("adapter", "prefix", "prompt", "ptuning")
+        )
+
+    @property
     def masked(self) -> bool:
-        """A (batch, 1, seq, seq) mask reaches attention: packing, or padding between rows of different length."""
-        return self.packing or self.micro_batch > 1
+        """A (batch, 1, seq, seq) mask reaches attention: packing (unless by segments), or padding between rows of
+        different length."""
+        return not self.varlen and (self.packing or self.micro_batch > 1)
 
 
 @dataclass
@@ -235,9 +254,15 @@ def _param_bytes(precision: str) -> int:
     return 2 if precision == "bf16-true" else 4
 
 
+def _qlora_fp32(s: Setup) -> bool:
+    """qlora keeps the non-4-bit weights (so the activations) in fp32: PEFT's preparation upcasts them, and
+    daytune casts them back only for bf16-true (train/methods.py)."""
+    return s.method == "qlora" and s.stack.qlora_fp32_rest and s.precision != "bf16-true"
+
+
 def act_bytes(s: Setup) -> int:
     """Bytes per element of the activations saved for backward."""
-    if s.method == "qlora" and s.stack.qlora_fp32_rest:
+    if _qlora_fp32(s):
         return 4
     return 4 if s.precision == "32-true" else 2
 
@@ -257,7 +282,7 @@ def weights(arch: Arch, s: Setup) -> dict[str, float]:
         if s.stack.quantized_head and not arch.tied:
             linear += arch.vocab * arch.hidden
         rest = arch.total_params() - linear
-        rest_bytes = 4 if s.stack.qlora_fp32_rest else pb
+        rest_bytes = 4 if _qlora_fp32(s) else pb
         out["nf4 (linear layers)"] = nf4_bytes(linear, s.double_quant)
         out[f"{'fp32' if rest_bytes == 4 else 'bf16'} (embeddings, norms, head)"] = rest * rest_bytes
     else:

@@ -57,7 +57,7 @@ class ServeModel:
         self.model_ref = model_ref
         self.adapter = str(adapter) if adapter else None
         self.run_id = run_id
-        self.device = pick_device(device or "auto")
+        self.device = pick_device(device or "auto", "--device")
         # an adapter is merged into the weights where its method allows: no adapter cost per token
         source = ModelSource(model_ref, Path(self.adapter) if self.adapter else None)
         loaded = load_for_inference(source, self.device, merge=True, log=log)

@@ -227,7 +227,8 @@ def _memory(f: _Facts) -> tuple[Finding | None, float]:
         mb = train.get("micro_batch")
     gpu_peak = max(
         [s.get("torch_peak_mb", 0) for s in system]
-        + [g.get("mem_used_mb") or 0 for s in system for g in s.get("gpus", [])],
+        + [g.get("mem_used_mb") or 0 for s in system for g in s.get("gpus", [])]
+        + [train.get("peak_gpu_reserved_mb") or 0],  # the run's own CUDA peak, between samples too
         default=0,
     )
     gpu_total = max([g.get("mem_total_mb") or 0 for s in system for g in s.get("gpus", [])], default=0)

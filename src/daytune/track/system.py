@@ -1,10 +1,15 @@
 """System metrics sampled by a background thread every few seconds: this process's CPU % and resident memory, the
 machine's memory, PyTorch's CUDA memory, and through NVML (when a GPU is present) each GPU's utilization, memory,
 temperature and power. Each sample is one line of system.jsonl; the tracker forwards them to the backends from
-the training thread, so the backends are only ever called from one thread."""
+the training thread, so the backends are only ever called from one thread.
+
+NVML numbers every GPU of the machine in PCI order and knows nothing of CUDA_VISIBLE_DEVICES; CUDA numbers only
+the visible ones, in its own order. Each GPU the run uses (by its CUDA index) is found in NVML by its UUID, so
+the samples, and the doctor's averages, cover exactly those GPUs, indexed as the run sees them."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -25,10 +30,61 @@ def _nvml():
         return None
 
 
-def gpu_samples(nvml) -> list[dict[str, Any]]:
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def cuda_uuids() -> list[str] | None:
+    """The UUID of each visible CUDA device, in CUDA's numbering ("GPU-..." as NVML spells it), or None when
+    this PyTorch cannot tell."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        out = []
+        for i in range(torch.cuda.device_count()):
+            uuid = _text(torch.cuda.get_device_properties(i).uuid)
+            out.append(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+        return out
+    except Exception:  # an old PyTorch without .uuid, a driver problem: fall back to CUDA_VISIBLE_DEVICES
+        return None
+
+
+def visible_gpus(nvml, devices: list[int] | None = None) -> list[tuple[int, Any]]:
+    """[(CUDA index, NVML handle)] of the GPUs a run uses (`devices`: CUDA indices; None: every visible one),
+    matched by UUID. Without UUIDs from PyTorch: CUDA_VISIBLE_DEVICES (indices or UUID prefixes), else all."""
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    by_uuid = {}
+    for h in handles:
+        try:
+            by_uuid[_text(nvml.nvmlDeviceGetUUID(h))] = h
+        except Exception:
+            pass
+    uuids = cuda_uuids()
+    if uuids is not None and by_uuid:
+        visible = [by_uuid.get(u) for u in uuids]
+    else:
+        spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if spec is None:
+            visible = handles
+        else:
+            visible = []
+            for entry in (e.strip() for e in spec.split(",") if e.strip()):
+                if entry.isdigit():
+                    visible.append(handles[int(entry)] if int(entry) < len(handles) else None)
+                else:
+                    visible.append(next((h for u, h in by_uuid.items() if u.startswith(entry)), None))
+    wanted = range(len(visible)) if devices is None else devices
+    return [(i, visible[i]) for i in wanted if i < len(visible) and visible[i] is not None]
+
+
+def gpu_samples(nvml, gpus: list[tuple[int, Any]] | None = None) -> list[dict[str, Any]]:
+    """One reading of each GPU in `gpus` ([(CUDA index, NVML handle)]; None: every GPU NVML sees)."""
+    if gpus is None:
+        gpus = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
     out = []
-    for i in range(nvml.nvmlDeviceGetCount()):
-        h = nvml.nvmlDeviceGetHandleByIndex(i)
+    for i, h in gpus:
         gpu: dict[str, Any] = {"index": i}
         readers = {
             "util": lambda h=h: nvml.nvmlDeviceGetUtilizationRates(h).gpu,
@@ -47,10 +103,15 @@ def gpu_samples(nvml) -> list[dict[str, Any]]:
 
 
 class SystemSampler:
-    """`start()` takes a first sample at once, then one every `every` seconds until `stop()` (which takes a last one)."""
+    """`start()` takes a first sample at once, then one every `every` seconds until `stop()` (which takes a last one).
+    `devices`: the CUDA indices of the GPUs the run uses (None: every visible one)."""
 
-    def __init__(self, path: Path, every: float = 5.0, t0: float | None = None):
+    def __init__(
+        self, path: Path, every: float = 5.0, t0: float | None = None, devices: list[int] | None = None
+    ):
         self.path, self.every = Path(path), every
+        self.devices = devices
+        self._gpus: list[tuple[int, Any]] = []
         self.t0 = time.monotonic() if t0 is None else t0
         self.pending: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -66,6 +127,11 @@ class SystemSampler:
         self._process.cpu_percent(None)  # the first call only sets the reference point
         psutil.cpu_percent(None)
         self._nvml = _nvml()
+        if self._nvml is not None:
+            try:
+                self._gpus = visible_gpus(self._nvml, self.devices)
+            except Exception:
+                self._nvml = None
         self._thread = threading.Thread(target=self._run, name="daytune-system", daemon=True)
         self._thread.start()
         return self
@@ -89,8 +155,8 @@ class SystemSampler:
             s["torch_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             s["torch_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
             s["torch_peak_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-        if self._nvml is not None:
-            s["gpus"] = gpu_samples(self._nvml)
+        if self._nvml is not None and self._gpus:
+            s["gpus"] = gpu_samples(self._nvml, self._gpus)
         return s
 
     def _record(self) -> None:

@@ -166,7 +166,8 @@ class Tracker:
         self.flops = ModelFlops.of(model)
         self.peak, self.peak_source = device_peak(device, precision, tc.peak_tflops)
         self._write_lineage_start(data)
-        self.sampler = SystemSampler(self.run.system_file, tc.system_every).start()
+        self.sampler = SystemSampler(self.run.system_file, tc.system_every, devices=_run_gpus(device, world))
+        self.sampler.start()
         tracking = self.run.read_json("tracking.json")
         tracking.update(
             {
@@ -392,6 +393,20 @@ class Tracker:
             self.sampler.stop()
         for b in self.backends:
             b.call("finish", "failed")
+
+
+def _run_gpus(device, world: int) -> list[int]:
+    """The CUDA indices of the GPUs this machine's processes of the run use: the one device of a single
+    process, each local rank's under a multi-process launch (accelerate gives rank r the device r), none on CPU."""
+    import os
+
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return []
+    if world == 1:
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return list(range(min(int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())))
 
 
 def _now() -> str:

@@ -1,8 +1,8 @@
 """Checkpoints that survive a crash: written under a temporary name and renamed into place when complete.
 
 A checkpoint folder holds `weights.safetensors` (the parameters that train, by name, unsharded), `optimizer.pt`
-(or `optimizer-<rank>.pt` per process when FSDP/DeepSpeed shard the optimizer; loaded with weights_only=True:
-tensors and numbers, never arbitrary pickles), `rng-<rank>.safetensors` per process, and `state.json` (step,
+(or `optimizer-<rank>.pt` per process when FSDP shards the optimizer; loaded with weights_only=True: tensors and
+numbers, never arbitrary pickles; DeepSpeed's engine state instead goes to `deepspeed/`, through accelerate), `rng-<rank>.safetensors` per process, and `state.json` (step,
 tokens, elapsed time, schedule, `random`'s state), written last. Beside them, `best.safetensors` keeps the
 trainable weights of the best validation loss so far, for early stopping.
 """
@@ -85,7 +85,9 @@ def load_best(model, folder: Path) -> bool:
 _KILLED_SAVES = [
     re.compile(r"\.(step-\d{7}|adapter|model|data)\.[a-z0-9_]{8}"),  # a folder being filled
     re.compile(r"\.step-\d{7}\.optimizer"),  # optimizer shards not yet assembled
-    re.compile(r"\.save-probe\..+|tmp[a-z0-9_]{8}"),  # the timed save at the start of training (old name too)
+    re.compile(
+        r"\.save-probe(\..+)?|tmp[a-z0-9_]{8}"
+    ),  # the timed save at the start of training (old name too)
     re.compile(r"\..+\.tmp"),  # a file being written (summary.json, lineage.json, best.safetensors, ...)
 ]
 _SWAPPED_OUT = re.compile(r"\.(?P<name>step-\d{7}|adapter|model|data)\.old-\d+")  # the copy being replaced
@@ -153,11 +155,13 @@ def save_checkpoint(
     return final, time.perf_counter() - t0
 
 
-def load_checkpoint(path: Path, model, optimizer, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0, engine_state=None) -> dict[str, Any]:
     """Restore trainable weights, optimizer state and RNG states; return the saved training state. A damaged or
-    foreign file is a RunError naming it and what is wrong with it (and an older checkpoint to fall back on)."""
+    foreign file is a RunError naming it and what is wrong with it (and an older checkpoint to fall back on).
+    `engine_state(folder)`: loads a DeepSpeed run's `deepspeed/` folder (accelerate's load_state), whose
+    optimizer partitions are not plain tensors."""
     try:
-        return _load_checkpoint(path, model, optimizer, rank)
+        return _load_checkpoint(path, model, optimizer, rank, engine_state)
     except RunError as e:
         older = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
         hint = (
@@ -173,12 +177,15 @@ def read_state(path: Path) -> dict[str, Any]:
     return _read(path / "state.json", "the training state", _read_state)
 
 
-def _load_checkpoint(path: Path, model, optimizer, rank: int) -> dict[str, Any]:
+def _load_checkpoint(path: Path, model, optimizer, rank: int, engine_state) -> dict[str, Any]:
     state = read_state(path)
     weights = _read(path / "weights.safetensors", "the trained weights", lambda f: load_file(str(f)))
+    deepspeed = (path / "deepspeed").is_dir()
+    if deepspeed and engine_state is None:
+        raise RunError(f"{path}: a DeepSpeed checkpoint; resume it under the same DeepSpeed launch")
     optim_file = path / f"optimizer-{rank}.pt"
     optim_file = optim_file if optim_file.is_file() else path / "optimizer.pt"
-    optim = _read(optim_file, "the optimizer state", _read_tensors_only)
+    optim = None if deepspeed else _read(optim_file, "the optimizer state", _read_tensors_only)
     rng_file = path / f"rng-{rank}.safetensors"
     if not rng_file.is_file() and rank > 0:
         raise RunError(
@@ -194,12 +201,15 @@ def _load_checkpoint(path: Path, model, optimizer, rank: int) -> dict[str, Any]:
         load_trainable_state(model, weights, str(path / "weights.safetensors"))
     except RuntimeError as e:  # a tensor of another shape
         raise RunError(f"{path / 'weights.safetensors'}: the weights do not fit this model ({e})") from None
-    try:
-        optimizer.load_state_dict(optim)
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise RunError(
-            f"{optim_file}: the optimizer state does not fit this model and method ({e})"
-        ) from None
+    if deepspeed:
+        engine_state(str(path / "deepspeed"))
+    else:
+        try:
+            optimizer.load_state_dict(optim)
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise RunError(
+                f"{optim_file}: the optimizer state does not fit this model and method ({e})"
+            ) from None
     torch.set_rng_state(cpu_rng)
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():

@@ -18,13 +18,13 @@ FSDP, DeepSpeed): decisions taken on the main process (clock, signals) are share
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,20 @@ from daytune.data import encode_records
 from daytune.data.batching import BatchPlan, make_batch
 from daytune.data.jsonl import read_records
 from daytune.data.trainset import load_train_data
+from daytune.engine.attention import use_varlen, varlen_available
 from daytune.engine.loss import heldout_loss, response_loss
 from daytune.errors import DataError, RunError
-from daytune.hardware import autocast_kind, param_dtype, pick_device, resolve_precision
+from daytune.hardware import (
+    autocast_kind,
+    compute_dtype,
+    param_dtype,
+    pick_device,
+    resolve_precision,
+    sync,
+    use_device,
+)
 from daytune.models import load_tokenizer, resolve_model
-from daytune.models.trained import load_base_for_training
+from daytune.models.trained import QUANT_FILE, load_base_for_training, quantization_note
 from daytune.progress import Reporter, budget_info
 from daytune.track import RunDir, Tracker, peak_rss_mb
 from daytune.track.doctor import format_findings
@@ -91,6 +100,8 @@ class Session:
     n_trainable: int
     n_total: int
     sharded: bool  # FSDP/DeepSpeed: weights are gathered by every process, optimizer states saved per process
+    deepspeed: bool  # its engine steps, clips and keeps the optimizer state (saved through accelerate)
+    varlen: bool  # packed rows attend by segments (CUDA, 16-bit) instead of through a mask
     probed: ProbeResult | None  # micro_batch auto: what was decided
     plan: BatchPlan
     targets: list[int]  # loss positions per example
@@ -129,23 +140,34 @@ def setup(
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    device = pick_device(tc.device)
+    # cuda:N becomes the current device (one process; several take one each), TF32 on for fp32 matmuls
+    device = use_device(pick_device(tc.device), int(os.environ.get("WORLD_SIZE", "1")))
     precision = resolve_precision(tc.precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=autocast_kind(precision))
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = device if world == 1 else accelerator.device
+    ds = accelerator.distributed_type == DistributedType.DEEPSPEED
     if not is_main:
         reporter = Reporter(quiet=True, every=float("inf"))
     model_dir = resolve_model(cfg.model, log=reporter.log)
     tokenizer = load_tokenizer(model_dir)
     examples, val_examples, stats, data_info = load_examples(cfg, tokenizer)
-    model = load_base_for_training(model_dir, tc, param_dtype(precision), accelerator.device)
+    model = load_base_for_training(model_dir, tc, param_dtype(precision), device)
+    varlen = (cfg.data.packing and tc.method not in methods.PROMPT_METHODS
+              and varlen_available(device, compute_dtype(precision)) and use_varlen(model))  # fmt: skip
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    probed = resolve_micro_batch(cfg, model, examples, tokenizer, accelerator, resume, reporter.log)  # auto
-    optimizer = methods.make_optimizer(params, tc, accelerator.device)
+    probed = resolve_micro_batch(cfg, model, examples, tokenizer, accelerator, resume, reporter.log, varlen)
+    optimizer = methods.make_optimizer(params, tc, device)
+    # accelerate's accumulation: the last micro-batch of a step syncs gradients (DDP, FSDP) or is the boundary
+    # where the DeepSpeed engine clips and steps; each micro-batch's loss is scaled back (see forward_backward)
+    accelerator.gradient_accumulation_steps = tc.grad_accum
+    if ds:
+        configure_deepspeed(accelerator, tc)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
 
     plan = BatchPlan(
         [len(e.input_ids) for e in examples],
@@ -182,6 +204,8 @@ def setup(
         n_trainable=n_trainable,
         n_total=n_total,
         sharded=accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED),
+        deepspeed=ds,
+        varlen=varlen,
         probed=probed,
         plan=plan,
         targets=[sum(1 for x in e.labels[1:] if x != -100) for e in examples],
@@ -233,6 +257,10 @@ def _fit(s: Session) -> TrainResult:
             # every process's micro-batches, in order; this process takes every world-th one
             micro = [s.plan.get(first + j) for j in range(s.per_step)]
             n_target = sum(s.targets[i] for mb in micro for row in mb for i in row)
+            if (
+                s.deepspeed
+            ):  # its engine steps inside the last backward: the learning rate must be set by then
+                set_lr(s, lr_at(st.step, st.total_steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio))
             done = forward_backward(s, micro[s.rank :: s.world], n_target, t_step)
             if done is None:  # the step would end past the deadline: drop it, keep the last complete state
                 s.optimizer.zero_grad(set_to_none=True)
@@ -240,15 +268,17 @@ def _fit(s: Session) -> TrainResult:
                 break
             loss_sum, data_seconds = done
             grad_norm = s.accelerator.clip_grad_norm_(s.params, tc.grad_clip) if tc.grad_clip else None
+            grad_norm = None if grad_norm is None else scalar(grad_norm)
             left = budget.steps_left(eval_seconds)  # this step included
             if left is not None:
                 st.total_steps = min(st.max_steps, st.step + left)
             lr = lr_at(st.step, st.total_steps, tc.lr, tc.warmup_steps, tc.min_lr_ratio)
-            for group in s.optimizer.param_groups:
-                group["lr"] = lr
+            if not s.deepspeed:
+                set_lr(s, lr)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             st.step += 1
+            sync(s.device)  # CUDA is asynchronous: the step has ended when its kernels have
             dt = budget.clock() - t_step
             budget.record_step(dt)
             n_tokens = sum(plan_tokens(s.plan, s.examples, mb) for mb in micro)
@@ -311,7 +341,8 @@ def _fit(s: Session) -> TrainResult:
 # ---- the parts of fit, in the order it calls them -----------------------------------------------------------
 def restore(s: Session) -> None:
     """Carry on from the checkpoint `s.resume`: weights, optimizer, random states, counters, the budget spent."""
-    saved = load_checkpoint(s.resume, s.unwrapped, s.optimizer, s.rank)
+    engine_state = s.accelerator.load_state if s.deepspeed else None
+    saved = load_checkpoint(s.resume, s.unwrapped, s.optimizer, s.rank, engine_state)
     s.state = s.state.resumed(saved)
     s.budget.spent_before = s.state.elapsed
     if s.is_main:
@@ -329,11 +360,10 @@ def start(s: Session) -> None:
         f"{', packed' if cfg.data.packing else ''}): {s.state.max_steps} steps, {s.precision} on {s.device} "
         f"x{s.world}, budget {tc.budget or 'none'}."
     )
+    probe = s.run.path / ".save-probe"  # a whole save, by every process (sharded weights are gathered)
+    checkpoint(s, probe)
     if s.is_main:
-        t_save = s.budget.clock()
-        with tempfile.TemporaryDirectory(prefix=".save-probe.", dir=s.run.path) as probe:
-            save_checkpoint(s.unwrapped, s.optimizer, {"step": 0}, Path(probe), keep=1)
-        s.budget.record_save(s.budget.clock() - t_save)
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def first_step_estimate(s: Session) -> float:
@@ -345,10 +375,11 @@ def first_step_estimate(s: Session) -> float:
     first_mb = s.plan.get(s.state.step * s.per_step + s.rank)
     batch = {
         k: v.to(s.device)
-        for k, v in make_batch(s.plan, s.examples, first_mb, s.tokenizer.pad_token_id).items()
+        for k, v in make_batch(s.plan, s.examples, first_mb, s.tokenizer.pad_token_id, s.varlen).items()
         if k != "n_tokens"
     }
     devices = [s.device] if s.device.type == "cuda" else []
+    sync(s.device)
     t_probe = s.budget.clock()
     s.model.eval()
     try:
@@ -356,6 +387,7 @@ def first_step_estimate(s: Session) -> float:
             response_loss(s.model, batch)
     finally:
         s.model.train()
+    sync(s.device)
     return 3 * (s.budget.clock() - t_probe)  # backward ~ 2x forward
 
 
@@ -379,20 +411,24 @@ def agree(s: Session, *flags: bool) -> list[bool]:
 
 
 def forward_backward(s: Session, mine: list, n_target: int, t_step: float) -> tuple[float, float] | None:
-    """This process's micro-batches of one step, gradients accumulated (processes synchronise on the last one).
-    Returns (their summed loss, seconds spent building batches), or None when finishing the step would cross
-    the deadline: a long step must not overrun the budget."""
+    """This process's micro-batches of one step, gradients accumulated through accelerate's `accumulate`: only
+    the last one synchronises gradients (DDP, FSDP) and is DeepSpeed's boundary, where its engine clips and
+    steps once. Returns (their summed loss, seconds spent building batches), or None when finishing the step
+    would cross the deadline: a long step must not overrun the budget."""
     acc, budget = s.accelerator, s.budget
     loss_sum, data_seconds = 0.0, 0.0
+    acc.step = 0  # accumulate() counts micro-batches from here: the last of the step is the boundary
+    # accelerate (and DeepSpeed) divide each backward by the accumulation, DDP averages over processes: the
+    # step's loss is the sum over all its micro-batches divided by its label count
+    scale = s.world * acc.gradient_accumulation_steps / max(1, n_target)
     for j, mb in enumerate(mine):
         t_data = time.perf_counter()  # building batches runs inline: the doctor reports its share
-        batch = make_batch(s.plan, s.examples, mb, s.tokenizer.pad_token_id)
+        batch = make_batch(s.plan, s.examples, mb, s.tokenizer.pad_token_id, s.varlen)
         batch = {k: v.to(s.device) for k, v in batch.items() if k != "n_tokens"}
         data_seconds += time.perf_counter() - t_data
-        sync = acc.no_sync(s.model) if j < len(mine) - 1 else nullcontext()
-        with sync, acc.autocast():
+        with acc.accumulate(s.model), acc.autocast():
             loss, _ = response_loss(s.model, batch)
-            acc.backward(loss * s.world / max(1, n_target))  # DDP averages over processes
+            acc.backward(loss * scale)
         loss_sum += float(loss.detach())
         if budget.seconds is not None and j < len(mine) - 1:
             per_micro = (budget.clock() - t_step) / (j + 1)
@@ -404,6 +440,36 @@ def forward_backward(s: Session, mine: list, n_target: int, t_step: float) -> tu
     return loss_sum, data_seconds
 
 
+def set_lr(s: Session, lr: float) -> None:
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def scalar(t) -> float:
+    """A 0-d tensor (also a replicated DTensor: FSDP2's gradient norm) as a number."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def gpu_peaks(device: torch.device) -> dict:
+    """Peak CUDA memory of the run (what the planner predicts; host RSS says nothing about it), in MiB."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "peak_gpu_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+        "peak_gpu_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+    }
+
+
+def configure_deepspeed(accelerator, tc) -> None:
+    """The DeepSpeed config from the recipe: micro-batch, accumulation (the engine's boundary is the last
+    micro-batch of a step) and clipping (the engine clips when it steps)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = tc.micro_batch
+    config["gradient_accumulation_steps"] = tc.grad_accum
+    config["gradient_clipping"] = float(tc.grad_clip or 0.0)
+    config["train_batch_size"] = tc.micro_batch * tc.grad_accum * accelerator.num_processes
+
+
 def world_sum(s: Session, value: float) -> float:
     """A number summed over all processes."""
     return float(s.accelerator.reduce(torch.tensor(value, device=s.device), "sum") if s.world > 1 else value)
@@ -413,7 +479,8 @@ def evaluate(s: Session) -> float:
     """Validation loss (every process takes part); a new best resets the patience and, with early stopping, is
     kept as the model to end with."""
     st, tc = s.state, s.cfg.train
-    val_loss = heldout_loss(s.model, s.val_examples, s.tokenizer.pad_token_id, tc.micro_batch, s.device)
+    with s.accelerator.autocast():  # the precision training computes in
+        val_loss = heldout_loss(s.model, s.val_examples, s.tokenizer.pad_token_id, tc.micro_batch, s.device)
     if st.best_val is None or val_loss < st.best_val - 1e-6:
         st.best_val, st.best_step, st.bad_evals = val_loss, st.step, 0
         if tc.early_stopping_patience:
@@ -434,26 +501,36 @@ def trainable_only(s: Session, full: dict | None) -> dict | None:
     return {k: v for k, v in full.items() if k in s.trainable_names} if full is not None else None
 
 
-def checkpoint(s: Session) -> None:
-    """A resumable checkpoint of this step (every process takes part)."""
+def checkpoint(s: Session, folder: Path | None = None) -> None:
+    """A resumable checkpoint of this step (every process takes part) in the run's checkpoints, or in `folder`
+    (the save probe `start` times: the same work, not kept)."""
     from accelerate.utils import gather_object
 
+    probe = folder is not None
+    folder = folder or s.run.checkpoints
     rngs = gather_object([rng_tensors()]) if s.world > 1 else None
     full = full_weights(s)
     if s.sharded:  # each process writes its optimizer shard, then the main process assembles the checkpoint
-        shards = sharded_optimizer_dir(s.run.checkpoints, s.state.step)
-        shards.mkdir(parents=True, exist_ok=True)
-        torch.save(s.optimizer.state_dict(), shards / f"optimizer-{s.rank}.pt")
+        shards = sharded_optimizer_dir(folder, s.state.step)
+        if s.is_main:
+            shards.mkdir(parents=True, exist_ok=True)
+        s.accelerator.wait_for_everyone()
+        if s.deepspeed:  # the engine's own checkpoint (optimizer partitions, fp32 masters), collectively
+            s.accelerator.save_state(str(shards / "deepspeed"), exclude_frozen_parameters=True)
+        else:
+            torch.save(s.optimizer.state_dict(), shards / f"optimizer-{s.rank}.pt")
         s.accelerator.wait_for_everyone()
     if s.is_main:
-        weights, keep = trainable_only(s, full), s.cfg.train.keep_checkpoints
-        s.state.elapsed = s.budget.elapsed()
+        weights, keep = trainable_only(s, full), 1 if probe else s.cfg.train.keep_checkpoints
+        if not probe:
+            s.state.elapsed = s.budget.elapsed()
         t_save = s.budget.clock()
         saved_to, _ = save_checkpoint(
-            s.unwrapped, s.optimizer, s.state.to_json(), s.run.checkpoints, keep, rngs, weights
+            s.unwrapped, s.optimizer, s.state.to_json(), folder, keep, rngs, weights
         )
         s.budget.record_save(s.budget.clock() - t_save)
-        s.tracker.checkpoint(saved_to, s.state.step)
+        if not probe:
+            s.tracker.checkpoint(saved_to, s.state.step)
     s.accelerator.wait_for_everyone()
 
 
@@ -470,8 +547,11 @@ def final_save(s: Session, stopped_by: str) -> Path:
         checkpoint(s)
     out_dir = s.run.path / methods.output_name(method)
     full = full_weights(s)
+    notes = (
+        {QUANT_FILE: quantization_note(s.cfg.train, param_dtype(s.precision))} if method == "qlora" else None
+    )
     if s.is_main:
-        methods.save_final(s.unwrapped, s.tokenizer, method, out_dir, full)
+        methods.save_final(s.unwrapped, s.tokenizer, method, out_dir, full, notes)
     s.accelerator.wait_for_everyone()
     return out_dir
 
@@ -507,6 +587,8 @@ def result_of(
         examples=len(s.examples),
         truncated=s.stats.truncated,
         peak_rss_mb=round(peak_rss_mb(), 1),
+        **gpu_peaks(s.device),
+        attention="varlen" if s.varlen else "sdpa",
         micro_batch=st.micro_batch,
         grad_accum=st.grad_accum,
         micro_batch_probe=s.probed.to_dict() if s.probed else None,

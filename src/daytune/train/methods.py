@@ -24,6 +24,7 @@ from daytune.errors import ConfigError, ModelError
 from daytune.fileio import replace_dir_atomic, temp_dir_beside
 
 PEFT_METHODS = ("lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "ia3")
+PROMPT_METHODS = ("adapter", "prefix", "prompt", "ptuning")  # add virtual tokens or attention paths
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -125,13 +126,28 @@ def _blocks(model) -> torch.nn.ModuleList:
     raise ConfigError(f"train.method freeze: cannot find the transformer blocks of {type(model).__name__}")
 
 
+def _prepare_4bit(model, gradient_checkpointing: bool):
+    """PEFT's preparation of a 4-bit base (frozen weights, input gradients for checkpointing), keeping the
+    weights that are not 4-bit in the dtype they were loaded in. `prepare_model_for_kbit_training` upcasts the
+    embeddings, norms and head to fp32, which is what fp16 training needs (16-mixed loads fp32 and is left
+    as it is); under bf16-true it would make the residual stream, attention and head run in fp32 (twice the
+    activation memory, no flash kernel). So bf16 runs keep them in bf16, as QLoRA computes: NF4 storage, bf16
+    compute. LoRA weights stay fp32 (PEFT keeps adapters in fp32 on a 16-bit base) and return bf16."""
+    from peft import prepare_model_for_kbit_training
+
+    loaded = {n: p.dtype for n, p in model.named_parameters()}
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for n, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != loaded.get(n, p.dtype):
+            p.data = p.data.to(loaded[n])
+    return model
+
+
 def prepare_for_training(model, tc: TrainConfig, tokenizer_dir: Path):
     """Wrap or freeze the base model according to `tc.method`; returns the model to train."""
     model.config.use_cache = False
     if tc.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
+        model = _prepare_4bit(model, tc.gradient_checkpointing)
     elif tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if tc.method in PEFT_METHODS:
@@ -184,18 +200,38 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) ->
         )
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[n].to(p.device, p.dtype))
+            p.copy_(_like(tensors[n], p))
 
 
-def save_final(model, tokenizer, method: str, folder: Path, state_dict: dict | None = None) -> Path:
+def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`full` (a whole tensor, read by every process) laid out as parameter `p`: on its device and dtype, and
+    for an FSDP2 parameter (a DTensor) sharded as it is, each process keeping its own part (no communication)."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:
+        DTensor = None
+    if DTensor is not None and isinstance(p, DTensor):
+        local = full.to(p.to_local().device, p.dtype)
+        return distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
+    return full.to(p.device, p.dtype)
+
+
+def save_final(
+    model, tokenizer, method: str, folder: Path, state_dict: dict | None = None, notes: dict | None = None
+) -> Path:
     """Write the run's model atomically: a PEFT adapter folder, or a full HF model folder; tokenizer included.
-    `state_dict`: full weights gathered from a sharded (FSDP/DeepSpeed) run."""
+    `state_dict`: full weights gathered from a sharded (FSDP/DeepSpeed) run; `notes`: extra JSON files by name
+    (a qlora adapter's quantization.json)."""
+    import json
+
     tmp = temp_dir_beside(folder)
     try:
         model.save_pretrained(
             tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
         )
         tokenizer.save_pretrained(tmp)
+        for name, content in (notes or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         return replace_dir_atomic(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

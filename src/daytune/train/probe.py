@@ -1,8 +1,10 @@
 """`train.micro_batch: auto`: find the largest micro-batch that fits with real forward/backward steps.
 
 Each try runs one forward and backward pass on the worst rows of the dataset (the longest rows of the batch plan,
-every position carrying a label) with a placeholder the size of the optimizer states, which do not exist yet.
-On CUDA a try fails on an out-of-memory error (or a peak above `train.memory_limit`); on CPU, where running out
+every position carrying a label), in the run's precision (its autocast) and attention path, with a placeholder
+the size of what the model does not hold yet: the optimizer states and, with several processes, DDP's gradient
+buckets. On CUDA a try fails on an out-of-memory error (also the ones cuBLAS and bitsandbytes raise as plain
+RuntimeErrors) or a peak above `train.memory_limit`; on CPU, where running out
 of memory kills the process instead of raising, a try fails when its peak resident memory passes the ceiling:
 `train.memory_limit`, or 90 % of what the machine has free. Sizes double until a try fails, then a bisection
 finds the edge. Between tries everything is freed (gradients, batch, placeholder, CUDA cache) and the random
@@ -120,6 +122,25 @@ def cpu_ceiling_mb(limit: int | None) -> float:
     return 0.9 * (available / 2**20 + (_current_rss_mb() or 0.0))
 
 
+OOM_MARKERS = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cuda_error_out_of_memory",
+    "failed to allocate",
+    "can't allocate memory",
+)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: torch's OutOfMemoryError, or a RuntimeError saying so (cuBLAS handle or workspace
+    creation, bitsandbytes' buffers, cuDNN). Any other error is a real failure and propagates."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in OOM_MARKERS)
+
+
 # ---- the search ------------------------------------------------------------------------------------------------
 def largest_that_fits(try_size, max_size: int) -> tuple[int, list[Try]]:
     """Doubling, then bisection, over sizes 1..max_size; `try_size(n)` returns a Try. 0 when 1 does not fit."""
@@ -148,13 +169,18 @@ def largest_that_fits(try_size, max_size: int) -> tuple[int, list[Try]]:
 
 
 def probe_micro_batch(
-    model, make_batch, max_size: int, device, state_bytes: int, limit: int | None, log
+    model, make_batch, max_size: int, device, state_bytes: int, limit: int | None, log, autocast=None
 ) -> tuple[int, float, list[Try]]:
     """The largest micro-batch (≤ max_size) whose forward/backward fits; returns (size, limit MiB, tries).
 
     `make_batch(n)` builds a worst-case micro-batch of n rows (tensors on `device`); `state_bytes` is reserved
-    for the optimizer states while probing."""
+    for the optimizer states (and DDP's buckets) while probing; `autocast()`: the run's mixed-precision
+    context (accelerator.autocast)."""
+    from contextlib import nullcontext
+
     import torch
+
+    autocast = autocast or nullcontext
 
     from daytune.engine.loss import response_loss
 
@@ -187,7 +213,8 @@ def probe_micro_batch(
                 torch.cuda.reset_peak_memory_stats(device)
                 placeholder = torch.empty(state_bytes, dtype=torch.uint8, device=device)
                 batch = make_batch(n)
-                loss, _ = response_loss(model, batch)
+                with autocast():
+                    loss, _ = response_loss(model, batch)
                 loss.backward()
                 torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_reserved(device) / 2**20
@@ -195,11 +222,14 @@ def probe_micro_batch(
                 with _CpuPeak() as meter:
                     placeholder = torch.zeros(state_bytes, dtype=torch.uint8)  # zeros: really resident
                     batch = make_batch(n)
-                    loss, _ = response_loss(model, batch)
+                    with autocast():
+                        loss, _ = response_loss(model, batch)
                     loss.backward()
                 peak = meter.peak
             ok = peak <= limit_mb
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             ok, failed = False, True
         finally:
             del placeholder, batch, loss
@@ -226,9 +256,15 @@ def optimizer_state_bytes(params, optimizer: str) -> int:
     return 2 * sum(p.numel() * p.element_size() for p in params)
 
 
-def worst_batches(plan, examples, pad_id: int, device):
+def ddp_bucket_bytes(params) -> int:
+    """DDP's gradient buckets: one flat copy of the gradients of the parameters that train, allocated when the
+    model is wrapped (after the probe)."""
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def worst_batches(plan, examples, pad_id: int, device, varlen: bool = False):
     """make_batch(n): the n longest rows of the first epoch (repeated if there are fewer), every position with a
-    label, as the training loop would collate them."""
+    label, as the training loop would collate them (`varlen`: packed rows by segments)."""
     from daytune.data.batching import make_batch as collate_rows
 
     rows = sorted((row for mb in plan.epoch(0) for row in mb),
@@ -238,7 +274,7 @@ def worst_batches(plan, examples, pad_id: int, device):
         import torch
 
         chosen = [rows[i % len(rows)] for i in range(n)]
-        batch = collate_rows(plan, examples, chosen, pad_id)
+        batch = collate_rows(plan, examples, chosen, pad_id, varlen)
         widths = torch.tensor([sum(len(examples[i].input_ids) for i in row) for row in chosen])
         real = torch.arange(batch["input_ids"].shape[1])[None] < widths[:, None]
         batch["labels"] = batch["input_ids"].masked_fill(~real, -100)
@@ -248,7 +284,7 @@ def worst_batches(plan, examples, pad_id: int, device):
 
 
 def resolve_micro_batch(
-    cfg, model, examples, tokenizer, accelerator, resume: Path | None, log
+    cfg, model, examples, tokenizer, accelerator, resume: Path | None, log, varlen: bool = False
 ) -> ProbeResult | None:
     """Set cfg.train.micro_batch and grad_accum: from train.batch_size, from the checkpoint being resumed, or
     by probing. Returns what was decided (None when the recipe fixed the micro-batch itself)."""
@@ -287,9 +323,10 @@ def resolve_micro_batch(
     limit = parse_size(tc.memory_limit)
     plan = BatchPlan([len(e.input_ids) for e in examples], 1, tc.seed, cfg.data.max_seq_len,
                      packing=cfg.data.packing, group_by_length=cfg.data.group_by_length)  # fmt: skip
-    make = worst_batches(plan, examples, tokenizer.pad_token_id, device)
+    make = worst_batches(plan, examples, tokenizer.pad_token_id, device, varlen)
+    reserve = optimizer_state_bytes(params, tc.optimizer) + (ddp_bucket_bytes(params) if world > 1 else 0)
     best, limit_mb, tries = probe_micro_batch(
-        model, make, per_process, device, optimizer_state_bytes(params, tc.optimizer), limit, log
+        model, make, per_process, device, reserve, limit, log, accelerator.autocast
     )
     if world > 1:  # every process must use the same micro-batch: the smallest any of them fits
         best = min(gather_object([best]))

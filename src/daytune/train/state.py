@@ -75,7 +75,10 @@ class TrainResult:
     total_params: int
     examples: int
     truncated: int
-    peak_rss_mb: float
+    peak_rss_mb: float  # host memory of the process
     micro_batch: int = 0
     grad_accum: int = 1
     micro_batch_probe: dict | None = None  # micro_batch auto: the tries and the choice
+    peak_gpu_allocated_mb: float | None = None  # CUDA: torch.cuda.max_memory_allocated (tensors)
+    peak_gpu_reserved_mb: float | None = None  # CUDA: max_memory_reserved (what the caching allocator held)
+    attention: str = "sdpa"  # packed rows: "varlen" (by segments, CUDA) or "sdpa" (through a mask)
