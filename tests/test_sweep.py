@@ -146,6 +146,19 @@ def test_the_pruner_stops_a_bad_trial_from_its_validation_losses(tmp_path, tiny_
     )
 
 
+def _study_exists(db: Path, name: str) -> bool:
+    """Read the study table directly: opening optuna's storage here would race the sweep creating its schema."""
+    import sqlite3
+
+    if not db.is_file():
+        return False
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:  # the tables are not there yet
+        return False
+
+
 def test_a_second_process_joins_the_study_through_its_storage_url(tmp_path, tiny_recipe):
     """The many-machines path: one process starts the sweep on a storage URL, another (its own out_dir, as
     another machine would have) joins it with --join; both add trials to the one study."""
@@ -159,7 +172,7 @@ def test_a_second_process_joins_the_study_through_its_storage_url(tmp_path, tiny
         daytune, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     for _ in range(240):  # another machine joins once the study exists
-        if Path(url[len("sqlite:///") :]).is_file() and "tiny" in optuna.get_all_study_names(url):
+        if _study_exists(Path(url[len("sqlite:///") :]), "tiny"):
             break
         assert first.poll() is None, first.communicate()[0]
         time.sleep(0.5)

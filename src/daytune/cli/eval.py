@@ -156,7 +156,7 @@ def _suite(args, reporter) -> int:
         args.data_root,
         args.bootstrap,
         args.batch_size,
-        args.device or "auto",
+        device=args.device or "auto",
     )
     evaluate_suite(source, req, out, reporter, with_base=args.with_base, lm=lm)
     return 0

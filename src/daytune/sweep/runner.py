@@ -81,8 +81,20 @@ def _storage(url: str):
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+    from sqlalchemy.exc import IntegrityError
+
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120
+            )
+        except (
+            IntegrityError
+        ):  # two processes created the schema at once: the other one won, so it exists now
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
 
 
 def _sampler(spec: SweepSpec, worker: int):
