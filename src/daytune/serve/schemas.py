@@ -175,7 +175,16 @@ def server_requests(
         "ProcessRequest",
         __base__=ProcessRequest,
         prompt=(str, Field(max_length=max_prompt_chars, description="longer prompts cannot fit the context")),
-        num_return_sequences=(Integer, Field(1, ge=1, le=max_sequences, validation_alias=SAMPLES_ALIAS)),
+        num_return_sequences=(
+            Integer,
+            Field(
+                1,
+                ge=1,
+                le=max_sequences,
+                validation_alias=SAMPLES_ALIAS,
+                description="at most 16, and no more than this server's queue holds (--max-queue)",
+            ),
+        ),
         max_new_tokens=(
             Integer,
             Field(
