@@ -1,6 +1,7 @@
-"""The server under bad input and load, on the tiny model: a property-based fuzzer against its own OpenAPI
-schema (0 server errors), malformed bodies, limits naming the field, auth, queue overflow, timeouts, 32 concurrent
-clients x 200 requests with 0 errors, and a graceful shutdown. All traffic goes to 127.0.0.1 and every loop is
+"""The server under bad input and load, on the tiny model: schemathesis against its own OpenAPI schema (all its
+default checks, valid and invalid data), malformed bodies, limits naming the field, auth, queue overflow,
+timeouts, 32 concurrent clients x 200 requests with 0 errors, a graceful shutdown and one past the grace time,
+hang-ups, and a tokenization that must not stall decoding. All traffic goes to 127.0.0.1 and every loop is
 bounded."""
 
 import json
