@@ -8,9 +8,8 @@ import time
 from contextlib import contextmanager
 
 import httpx
-import uvicorn
 
-from daytune.serve.app import create_app
+from daytune.serve.app import Server, create_app
 from daytune.serve.options import ServeOptions
 
 
@@ -25,7 +24,7 @@ def live_server(serve_model, **options):
     """Yield the base URL of a server bound to 127.0.0.1 only; stops it (and its scheduler) on exit."""
     opts = ServeOptions(port=free_port(), **options)
     app = create_app(serve_model, opts)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=opts.port, log_level="error"))
+    server = Server(app, opts, log_level="error")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{opts.port}"

@@ -137,8 +137,7 @@ def test_serve_takes_a_wandb_model_reference(capsys, tmp_path, monkeypatch, tiny
     adapter merged."""
     import signal
 
-    import uvicorn
-
+    from daytune.serve.app import Server
     from daytune.track.backends import wandb as wandb_backend
 
     adapter = random_adapter(tmp_path / "dl" / "adapter", tiny_model_dir)
@@ -148,19 +147,23 @@ def test_serve_takes_a_wandb_model_reference(capsys, tmp_path, monkeypatch, tiny
         seen["ref"] = ref
         return adapter, {"base_model": str(tiny_model_dir), "content": "adapter"}
 
-    def fake_run(app, **kwargs):
+    def fake_run(self, sockets=None):
+        app = self.config.app
         seen["server"] = app.state.server
         app.state.scheduler.close(5)
+        self.started = True
+        for sock in sockets:
+            sock.close()
 
     monkeypatch.setenv("DAYTUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(wandb_backend, "download_model", fake_download)
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(Server, "run", fake_run)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # the test process keeps its own handlers
     code, out, err = run_cli(capsys, "--quiet", "serve", "--model", "wandb:team/daytune/run-adapter:v3")
     assert code == 0, err
     server = seen["server"]
     assert seen["ref"] == "wandb:team/daytune/run-adapter:v3" and "Server stopped." in out
-    assert server.info()["model"] == str(tiny_model_dir) and server.info()["adapter"] == str(adapter)
+    assert server.model_ref == str(tiny_model_dir) and server.adapter == str(adapter)
     assert server.info()["adapter_merged"] and not hasattr(server.model, "peft_config")
     code, _, err = run_cli(capsys, "serve", "--model", "wandb:only-a-name")
     assert code == 2 and "wandb:ENTITY/PROJECT/NAME:VERSION" in err

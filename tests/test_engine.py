@@ -135,6 +135,15 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model):
     assert a == b and a != c
 
 
+def test_a_top_p_below_float32s_range_keeps_the_most_likely_token():
+    """top_p is compared in float32, where 1e-300 is 0: the most likely token must still be kept."""
+    logits = torch.tensor([0.1, 2.0, -1.0, 0.5])
+    for top_p in (1e-300, 1e-30, 0.01):
+        sampling = decode.Sampling(1.0, top_p, 3, torch.Generator().manual_seed(0))
+        ((tok, _, _),) = decode.choose_tokens(logits[None], [sampling], [0])
+        assert tok == 1
+
+
 def test_generation_stops_on_eos(tiny_model):
     model, _ = tiny_model
     first = decode.greedy_generate_batch(model, [[5, 6]], max_new_tokens=5)[0].token_ids[0]

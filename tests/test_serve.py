@@ -120,9 +120,16 @@ def test_invalid_requests_name_the_field(client, patch, field):
     assert field in r.text
 
 
-def test_empty_prompt_and_bad_tokens(client):
-    r = client.post("/process", json=dict(HELM_REQUEST, prompt=""))
-    assert r.status_code == 422 and "prompt" in r.text
+def test_empty_prompt_starts_from_bos_and_bad_tokens(client, server):
+    """The schema allows an empty prompt, so the server answers it: generation conditioned on the BOS token alone
+    (not echoed), as greedy decoding from [BOS] gives."""
+    r = client.post("/process", json=dict(HELM_REQUEST, prompt="", echo_prompt=True, max_new_tokens=5))
+    assert r.status_code == 200, r.text
+    ids = [server.tokenizer.bos_token_id]
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(server.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert r.json()["text"] == server.tokenizer.decode(ids[1:])
     r = client.post("/decode", json={"tokens": [1, 10**9]})
     assert r.status_code == 422 and "tokens" in r.text
     r = client.post("/process", content=b"{not json", headers={"content-type": "application/json"})
@@ -130,8 +137,11 @@ def test_empty_prompt_and_bad_tokens(client):
 
 
 def test_health_reports_what_is_served(client, tiny_model_dir):
-    body = client.get("/health").json()
-    assert body["status"] == "ok" and body["model"] == str(tiny_model_dir) and body["adapter"] is None
+    """By name: /health is open even with a token, so it shows no path of this machine."""
+    r = client.get("/health")
+    body = r.json()
+    assert body["status"] == "ok" and body["model"] == tiny_model_dir.name and body["adapter"] is None
+    assert str(tiny_model_dir.parent) not in r.text
 
 
 def test_token_texts_join_to_the_decoded_string(server):

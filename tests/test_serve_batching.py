@@ -2,12 +2,14 @@
 scheduler behind the server, on the tiny model in fp32."""
 
 import threading
+import time
+from concurrent.futures import Future
 
 import pytest
 import torch
 
 from daytune.engine import decode
-from daytune.serve.scheduler import QueueFull, Scheduler, Sequence, seeded
+from daytune.serve.scheduler import QueueFull, Scheduler, Sequence, ShuttingDown, seeded
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends",
@@ -170,4 +172,130 @@ def test_full_queue_refuses_with_retry_after(tm):
     finally:
         gate.set()
         blocker.cancelled = True
+        sched.close()
+
+
+def wait_for(condition, what: str, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+class CancelledAfterCheck(Future):
+    """A future whose client cancels it right after the worker's done() said no: the ordering a hang-up or a
+    timeout can produce between two lines of the worker."""
+
+    def done(self):
+        was = super().done()
+        if not was:
+            self.cancel()
+        return was
+
+
+def test_a_future_cancelled_mid_finish_touches_no_other_request(tm):
+    model, _, ids = tm
+    sched = Scheduler(model, max_batch=8)
+    try:
+        victim = make(ids[0], 4, future=CancelledAfterCheck())
+        others = [make(ids[i], 4) for i in (1, 2, 3)]
+        sched.submit([victim] + others)
+        for s in others:
+            assert s.future.result(timeout=60) is s and len(s.token_ids) == 4
+    finally:
+        sched.close()
+
+
+def test_a_request_cancelled_while_waiting_is_never_run(tm):
+    model, _, ids = tm
+    gate, entered = threading.Event(), threading.Event()
+    sched = Scheduler(model, max_batch=1)
+    try:
+        blocker = make(ids[0], 3, on_token=lambda t: entered.set() or not gate.wait(30))
+        sched.submit([blocker])
+        entered.wait(30)  # the worker is inside the blocker's step
+        victim, other = make(ids[1], 4), make(ids[2], 4)
+        sched.submit([victim, other])
+        assert victim.future.cancel()  # the client gave up while it waited
+        gate.set()
+        assert other.future.result(timeout=60) is other and len(other.token_ids) == 4
+        assert victim.future.cancelled() and victim.token_ids == []
+    finally:
+        gate.set()
+        sched.close()
+
+
+def test_one_sequences_error_fails_that_sequence_alone(tm):
+    model, _, ids = tm
+    sched = Scheduler(model, max_batch=4)
+
+    def broken(tok):
+        raise RuntimeError("a stop check that fails")
+
+    try:
+        bad, good = make(ids[0], 5, on_token=broken), make(ids[1], 5)
+        sched.submit([bad, good])
+        with pytest.raises(RuntimeError, match="stop check"):
+            bad.future.result(timeout=60)
+        assert good.future.result(timeout=60) is good and len(good.token_ids) == 5
+    finally:
+        sched.close()
+
+
+def test_close_stops_the_worker_between_steps_and_joins_it(tm):
+    """Past the grace time the worker fails what is left with ShuttingDown and ends; close() returns only once it
+    has, so no thread is inside the model when the process exits."""
+    model, _, ids = tm
+    sched = Scheduler(model, max_batch=1)
+    long = make(ids[0], 400, on_token=lambda t: time.sleep(0.02) and False)  # ~8 s of steps
+    waiting = make(ids[1], 4)
+    sched.submit([long, waiting])
+    wait_for(lambda: sched.running, "the long sequence to start")
+    sched.close(0.2)
+    assert not sched.thread.is_alive()
+    for s in (long, waiting):
+        with pytest.raises(ShuttingDown, match="shut down before this request finished"):
+            s.future.result(timeout=0)
+    assert 0 < len(long.token_ids) < 400
+
+
+def test_retry_after_ignores_idle_time(tm, monkeypatch):
+    """Retry-After comes from how fast the worker serves while busy: an idle hour does not change it."""
+    from daytune.serve import scheduler as module
+
+    model, _, ids = tm
+    idle = [0.0]
+
+    class Clock:  # the scheduler's clock, where an hour of idleness passes at once
+        @staticmethod
+        def monotonic():
+            return time.monotonic() + idle[0]
+
+    monkeypatch.setattr(module, "time", Clock)
+    gate, entered = threading.Event(), threading.Event()
+    sched = Scheduler(model, max_batch=1, max_queue=100)
+    try:
+        done = [make(ids[i % len(ids)], 3) for i in range(6)]
+        sched.submit(done)
+        for s in done:
+            s.future.result(timeout=60)
+        blocker = make(ids[0], 3, on_token=lambda t: entered.set() or not gate.wait(30))
+        sched.submit([blocker])
+        entered.wait(30)  # the worker is inside a step: nothing it counts changes now
+        sched.submit([make(ids[1], 3) for _ in range(5)])
+        before = sched.retry_after()
+        idle[0] += 3600
+        assert sched.retry_after() == before < 60
+    finally:
+        gate.set()
+        sched.close()
+
+
+def test_more_sequences_than_the_queue_holds_are_refused_outright(tm):
+    model, _, ids = tm
+    sched = Scheduler(model, max_queue=2)
+    try:
+        with pytest.raises(ValueError, match="can never fit"):
+            sched.submit([make(ids[0], 1) for _ in range(3)])
+    finally:
         sched.close()

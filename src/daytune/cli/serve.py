@@ -11,7 +11,7 @@ LIMITS = (  # (option, type, help); defaults from ServeOptions
     ("max_prefill_tokens", int, "padded prompt tokens per prefill step"),
     ("max_new_tokens", int, "cap on max_new_tokens"),
     ("request_timeout", float, "seconds before a request gets HTTP 504"),
-    ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM"),
+    ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM; unfinished ones then get 503"),
 )
 
 
@@ -82,13 +82,17 @@ def _options(args):
     """The server's limits from the flags, each checked."""
     from daytune.serve.options import ServeOptions
 
-    for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_new_tokens", "port"):
-        if getattr(args, name) < (0 if name == "port" else 1):
+    for name in ("max_batch", "max_queue", "max_prefill_tokens", "max_new_tokens"):
+        if getattr(args, name) < 1:
             raise DaytuneError(
                 f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}"
             )
+    if not 1 <= args.port <= 65535:
+        raise DaytuneError(f"--port: must be between 1 and 65535, got {args.port}")
     if args.request_timeout <= 0:
         raise DaytuneError(f"--request-timeout: must be positive, got {args.request_timeout}")
+    if args.shutdown_grace < 0:
+        raise DaytuneError(f"--shutdown-grace: must be 0 or more, got {args.shutdown_grace}")
     if args.threads is not None and args.threads < 1:
         raise DaytuneError(f"--threads: must be at least 1, got {args.threads}")
     return ServeOptions(
@@ -107,9 +111,7 @@ def _options(args):
 def cmd_serve(args, reporter) -> int:
     import signal
 
-    import uvicorn
-
-    from daytune.serve.app import create_app
+    from daytune.serve.app import Server, create_app, listen
     from daytune.serve.model import ServeModel
     from daytune.track.runs import model_source
 
@@ -119,6 +121,7 @@ def cmd_serve(args, reporter) -> int:
 
         torch.set_num_threads(args.threads)
     source = model_source(args.run, args.model, args.adapter, log=reporter.log)
+    sock = listen(options.host, options.port)  # before the model loads: a port in use fails at once
     run_id = source.run_id or args.run_id
     server = ServeModel(source.model, source.trained, device=args.device, run_id=run_id, log=reporter.log)
     auth = "bearer token required" if options.token else "no token"
@@ -127,13 +130,10 @@ def cmd_serve(args, reporter) -> int:
     # a no-op, so a graceful stop ends with exit code 0 rather than a kill by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
-        create_app(server, options),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        timeout_graceful_shutdown=options.shutdown_grace,
-    )
+    uv = Server(create_app(server, options), options, log_level="warning")
+    uv.run(sockets=[sock])
+    if not uv.started:
+        raise DaytuneError(f"the server on {args.host}:{args.port} did not start (see the messages above)")
     reporter.print("Server stopped.")
     return 0
 

@@ -162,7 +162,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, 
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        keep[0] = True  # the most likely token, even when top_p is below float32's smallest number
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         probs = probs / probs.sum()
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))

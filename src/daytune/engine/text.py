@@ -10,8 +10,6 @@ byte arrives: the tokens before then get "" and the completing one gets the char
 
 from __future__ import annotations
 
-import contextlib
-
 
 class TextStream:
     """Incremental detokenizer: each pushed token gets the text it adds, so the pieces join to the decoded string.
@@ -91,12 +89,11 @@ class StopWatcher:
     """Follows one sequence's text as tokens arrive and says when a stop sequence has appeared.
 
     The server watches the emitted text only; evaluation (`see_pending`) also watches what the tokens without
-    text yet decode to, so its text is always the decode of every token so far. `lock` guards the tokenizer,
-    which HF fast tokenizers need when several threads share one."""
+    text yet decode to, so its text is always the decode of every token so far. It takes no lock: a tokenizer
+    shared by threads is the caller's to make safe (the server gives each thread its own copy)."""
 
-    def __init__(self, stream: TextStream, stops: list[str], lock=None, see_pending: bool = False):
+    def __init__(self, stream: TextStream, stops: list[str], see_pending: bool = False):
         self.stream = stream
-        self.lock = lock or contextlib.nullcontext()
         self.stops = [s for s in stops if s]
         self.longest = max((len(s) for s in self.stops), default=0)
         self.see_pending = see_pending
@@ -104,9 +101,8 @@ class StopWatcher:
         self.text = ""
 
     def __call__(self, tok: int) -> bool:
-        with self.lock:
-            piece = self.stream.push(tok)
-            pending = self.stream.pending() if self.see_pending and self.stops else ""
+        piece = self.stream.push(tok)
+        pending = self.stream.pending() if self.see_pending and self.stops else ""
         start = max(0, len(self.text) - self.longest + 1)  # a new stop ends after the text seen before
         self.texts.append(piece)
         self.text += piece
@@ -117,8 +113,7 @@ class StopWatcher:
 
     def finish(self) -> list[str]:
         """The per-token texts, with what is still pending on the last token."""
-        with self.lock:
-            rest = self.stream.flush()
+        rest = self.stream.flush()
         if rest and self.texts:
             self.texts[-1] += rest
         return self.texts

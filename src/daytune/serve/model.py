@@ -13,6 +13,9 @@ tokens (`compute_language_modeling_metrics` in benchmark/metrics/basic_metrics.p
 its real log-probability, so the token after HELM's prefix is scored given the prefix. When the tokenizer itself
 prepends a BOS token that is not in the prompt text, that token is the first token's context (and is not echoed).
 
+An empty prompt (or one the tokenizer turns into no tokens) is conditioned on the tokenizer's BOS token, or its EOS
+token when it has no BOS, as an unconditional sample starts a document; that token is not echoed.
+
 Stop sequences are cut on the server: `text` ends right before the earliest stop sequence; `tokens` are the
 tokens that start before the cut, the last one's text trimmed at the cut (its logprob is the whole token's), so
 "".join(token texts) == text always holds.
@@ -20,6 +23,8 @@ tokens that start before the cut, the last one's text trimmed at the cut (its lo
 
 from __future__ import annotations
 
+import copy
+import threading
 from pathlib import Path
 
 from daytune.engine.decode import Sampling
@@ -27,7 +32,7 @@ from daytune.engine.text import StopWatcher, TextStream, cut_pieces, token_texts
 from daytune.errors import DaytuneError, ModelError
 from daytune.models import ModelSource, load_for_inference
 from daytune.serve.scheduler import Sequence, seeded
-from daytune.serve.schemas import Completion, ProcessRequest, Token
+from daytune.serve.schemas import MAX_PROMPT_CHARS, Completion, ProcessRequest, Token
 
 # prompt tokens decoded before the first generated one (SentencePiece drops a leading space)
 STREAM_CONTEXT = 4
@@ -41,6 +46,49 @@ class RequestError(DaytuneError):
         self.field = field
 
 
+class PerThreadTokenizer:
+    """The tokenizer, one copy per thread that uses it (the worker's included). A HF fast tokenizer raises
+    "Already borrowed" when a call with other truncation settings meets an encode running in another thread, and a
+    shared lock would make every request, and the worker's per-token stop check, wait for the longest
+    tokenization. A copy costs a few MB (about 9 MB for SmolLM2's) and goes with its thread."""
+
+    def __init__(self, tokenizer):
+        self._template = tokenizer  # only ever copied, never called
+        self._local = threading.local()
+
+    def get(self):
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self._template)
+        return tok
+
+    def __getattr__(self, name):
+        return getattr(self.get(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self.get()(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._template)
+
+
+def _shown(ref: str | None) -> str | None:
+    """A local path as its folder name (/health tells no one where files live); other references as they are."""
+    if ref is None:
+        return None
+    path = Path(ref).expanduser()
+    return path.name if path.is_absolute() or path.exists() else ref
+
+
+def _max_prompt_chars(tokenizer, max_context: int) -> int:
+    """Characters beyond which a prompt cannot fit the context: no token covers more characters than its longest
+    vocabulary entry (byte-level entries spell bytes), or 4x that where a normalizer may merge characters (NFC
+    composes a base and its marks). Longer prompts are refused before tokenizing."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    return min(MAX_PROMPT_CHARS, max_context * longest * (1 if normalizer is None else 4))
+
+
 class ServeModel:
     def __init__(
         self,
@@ -50,8 +98,6 @@ class ServeModel:
         run_id: str | None = None,
         log=print,
     ):
-        import threading
-
         from daytune.hardware import pick_device
 
         self.model_ref = model_ref
@@ -61,7 +107,7 @@ class ServeModel:
         # an adapter is merged into the weights where its method allows: no adapter cost per token
         source = ModelSource(model_ref, Path(self.adapter) if self.adapter else None)
         loaded = load_for_inference(source, self.device, merge=True, log=log)
-        self.model, self.tokenizer, self.eos_ids = loaded
+        self.model, tokenizer, self.eos_ids = loaded
         # still a PeftModel: the method adds virtual tokens or attention paths
         if hasattr(self.model, "peft_config"):
             raise ModelError(
@@ -70,14 +116,15 @@ class ServeModel:
                 "full or freeze run"
             )
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        self.vocab = len(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        self.tok_lock = threading.Lock()  # HF fast tokenizers must not be used from two threads at once
+        self.vocab = len(tokenizer)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.max_prompt_chars = _max_prompt_chars(tokenizer, self.max_context)
+        self.tokenizer = PerThreadTokenizer(tokenizer)
 
     def info(self) -> dict:
         return {
-            "model": self.model_ref,
-            "adapter": self.adapter,
+            "model": _shown(self.model_ref),
+            "adapter": _shown(self.adapter),
             "adapter_merged": bool(self.adapter),
             "run_id": self.run_id,
             "device": str(self.device),
@@ -86,15 +133,13 @@ class ServeModel:
 
     # -- /tokenize, /decode ---------------------------------------------------------------------------------
     def tokenize(self, text: str, truncation: bool, max_length: int) -> list[int]:
-        with self.tok_lock:
-            return self.tokenizer(text, truncation=truncation, max_length=max_length)["input_ids"]
+        return self.tokenizer(text, truncation=truncation, max_length=max_length)["input_ids"]
 
     def decode(self, tokens: list[int]) -> str:
         bad = [t for t in tokens if not 0 <= t < self.vocab]
         if bad:
             raise RequestError("tokens", f"ids must be within 0..{self.vocab - 1}; got {bad[:5]}")
-        with self.tok_lock:
-            return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
 
     # -- /process -------------------------------------------------------------------------------------------
     def sequences(
@@ -105,10 +150,12 @@ class ServeModel:
             req.max_new_tokens = min(req.max_new_tokens, max_new_tokens_cap)
         if req.max_new_tokens > max_new_tokens_cap:
             raise RequestError("max_new_tokens", f"must be at most {max_new_tokens_cap} on this server")
-        with self.tok_lock:
-            ids = self.tokenizer(req.prompt)["input_ids"]
-        if not ids and req.max_new_tokens > 0:
-            raise RequestError("prompt", "is empty; generation needs at least one prompt token")
+        if len(req.prompt) > self.max_prompt_chars:
+            raise RequestError(
+                "prompt",
+                f"{len(req.prompt)} characters cannot fit the model's context of {self.max_context} tokens",
+            )
+        ids, added_bos = self._prompt_ids(req.prompt)
         if len(ids) + req.max_new_tokens > self.max_context:
             raise RequestError(
                 "max_new_tokens",
@@ -117,13 +164,6 @@ class ServeModel:
             )
         if req.top_k and req.top_k > self.vocab:
             raise RequestError("top_k", f"must be at most the vocabulary size ({self.vocab})")
-        bos = self.tokenizer.bos_token_id
-        added_bos = bool(
-            ids
-            and bos is not None
-            and ids[0] == bos
-            and not req.prompt.startswith(self.tokenizer.bos_token or "\0")
-        )
         shown = ids[1:] if added_bos else ids
         seqs = []
         for i in range(req.num_return_sequences):
@@ -139,12 +179,27 @@ class ServeModel:
                     else None,
                     eos_ids=self.eos_ids,
                     on_token=StopWatcher(
-                        TextStream(self.tokenizer, shown[-STREAM_CONTEXT:]), req.stop_sequences, self.tok_lock
+                        TextStream(self.tokenizer, shown[-STREAM_CONTEXT:]), req.stop_sequences
                     ),
                     deadline=deadline,
                 )
             )
         return seqs, {"ids": ids, "added_bos": added_bos}
+
+    def _prompt_ids(self, prompt: str) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether the first is a conditioning token the prompt text does not contain (a BOS
+        the tokenizer adds, or the BOS or EOS an empty prompt is conditioned on)."""
+        tok = self.tokenizer
+        ids = tok(prompt)["input_ids"]
+        if not ids:
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start is None:
+                raise RequestError(
+                    "prompt", "is empty, and this tokenizer has no BOS or EOS token to start from"
+                )
+            return [start], True
+        bos = tok.bos_token_id
+        return ids, bool(bos is not None and ids[0] == bos and not prompt.startswith(tok.bos_token or "\0"))
 
     def _tops(self, top: dict[int, float]) -> dict[str, float]:
         """{token text: logprob}. Byte pieces of one character all decode to U+FFFD and different ids can decode
@@ -161,13 +216,10 @@ class ServeModel:
         if not req.echo_prompt or not ids:
             return []
         shown = ids[1:] if added_bos else ids
-        with self.tok_lock:
-            texts = token_texts(self.tokenizer, shown)
-            scored = seq.prompt_logprobs or []  # log P(ids[i] | ids[:i]) for i >= 1
-            pairs = scored if added_bos else [(0.0, {})] + scored
-            return [
-                Token(text=t, logprob=lp, top_logprob=self._tops(top)) for t, (lp, top) in zip(texts, pairs)
-            ]
+        texts = token_texts(self.tokenizer, shown)
+        scored = seq.prompt_logprobs or []  # log P(ids[i] | ids[:i]) for i >= 1
+        pairs = scored if added_bos else [(0.0, {})] + scored
+        return [Token(text=t, logprob=lp, top_logprob=self._tops(top)) for t, (lp, top) in zip(texts, pairs)]
 
     def complete(self, req: ProcessRequest, seqs: list[Sequence], ctx: dict) -> list[Completion]:
         echo = self._echo(req, seqs[0], ctx["ids"], ctx["added_bos"])
@@ -175,15 +227,14 @@ class ServeModel:
         out = []
         for seq in seqs:
             texts, cut = cut_pieces(seq.on_token.finish(), seq.on_token.stops)
-            with self.tok_lock:
-                tokens = [
-                    Token(
-                        text=t,
-                        logprob=seq.logprobs[j],
-                        top_logprob=self._tops(seq.top_logprobs[j]) if seq.top_logprobs else {},
-                    )
-                    for j, t in enumerate(texts)
-                ]
+            tokens = [
+                Token(
+                    text=t,
+                    logprob=seq.logprobs[j],
+                    top_logprob=self._tops(seq.top_logprobs[j]) if seq.top_logprobs else {},
+                )
+                for j, t in enumerate(texts)
+            ]
             text, finish = "".join(texts), "stop" if cut else seq.finish_reason
             all_tokens = echo + tokens
             out.append(

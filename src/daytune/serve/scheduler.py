@@ -1,6 +1,8 @@
 """The request queue and the batching loop: one worker thread owns the model and interleaves batched prefills
 of newly arrived sequences with batched decode steps of the running ones. Each sequence stops on its own (end of
-text, a stop sequence, its token limit, or its deadline) and leaves the batch; waiting ones take its place."""
+text, a stop sequence, its token limit, or its deadline) and leaves the batch; waiting ones take its place.
+A cancelled sequence (its client hung up or timed out) leaves at the next step. Each request's future is resolved
+on its own: a cancelled future or one sequence's error never touches the others."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +36,14 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The server is stopping and takes no new work."""
+    """The server is stopping and takes no new work, or stopped before this request finished."""
+
+
+class Cancelled(Exception):
+    """The sequence was cancelled (its client hung up or stopped waiting) and left the batch."""
+
+
+RATE_WINDOW = 64  # completions behind the service rate that Retry-After is computed from
 
 
 @dataclass
@@ -88,14 +97,19 @@ class Scheduler:
         self.merging = True  # cleared if the model's cache cannot take rows mid-flight
         self.cond = threading.Condition()
         self.stopping = False
+        self.stop_at = math.inf  # when stopping: the worker gives up unfinished sequences after this time
+        self.grace = 0.0
         self.finished = 0
-        self.started = time.monotonic()
+        self.busy = 0.0  # seconds the worker has spent in model steps
+        self.recent: deque[float] = deque(maxlen=RATE_WINDOW)  # self.busy at each recent completion
         self.steps = {"prefill": 0, "decode": 0, "max_rows": 0}
         self.thread = threading.Thread(target=self._loop, name="daytune-scheduler", daemon=True)
         self.thread.start()
 
     # -- called from request handlers -------------------------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
+        if len(seqs) > self.max_queue:
+            raise ValueError(f"{len(seqs)} sequences can never fit a queue of {self.max_queue}")
         with self.cond:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -105,9 +119,12 @@ class Scheduler:
             self.cond.notify()
 
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained, from the recent completion rate (at least 1)."""
-        rate = self.finished / max(time.monotonic() - self.started, 1e-3)
-        return max(1, min(60, math.ceil(len(self.waiting) / rate))) if rate > 0 else 5
+        """Seconds until the waiting sequences have likely been served (1 to 60): the service rate of the last
+        completions over the worker's busy time, so an idle spell does not make the server look slow."""
+        if not self.recent:
+            return 5
+        rate = len(self.recent) / max(self.busy - self.recent[0], 1e-3)
+        return max(1, min(60, math.ceil(len(self.waiting) / rate)))
 
     def stats(self) -> dict:
         with self.cond:
@@ -122,19 +139,19 @@ class Scheduler:
                 "max_rows_seen": self.steps["max_rows"],
             }
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish the running and waiting sequences (up to `timeout`), then stop the worker."""
+    def drain(self, grace: float) -> None:
+        """Take no new work; the running and waiting sequences get `grace` seconds, then the worker fails those
+        left with ShuttingDown between two steps and ends."""
         with self.cond:
             self.stopping = True
+            if time.monotonic() + grace < self.stop_at:
+                self.stop_at, self.grace = time.monotonic() + grace, grace
             self.cond.notify()
-        self.thread.join(timeout)
-        with self.cond:
-            for seq in list(self.waiting) + self.running:
-                if not seq.future.done():
-                    seq.future.set_exception(
-                        ShuttingDown("the server shut down before this request finished")
-                    )
-            self.waiting.clear()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """drain(timeout), then wait for the worker to end (it stops between steps, never inside one)."""
+        self.drain(timeout)
+        self.thread.join()
 
     # -- the worker -------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -142,23 +159,49 @@ class Scheduler:
             with self.cond:
                 while not self.waiting and not self.running and not self.stopping:
                     self.cond.wait()
-                if self.stopping and not self.waiting and not self.running:
+                if self.stopping and (time.monotonic() >= self.stop_at or not (self.waiting or self.running)):
+                    self._give_up()
                     return
+                self._drop_gone()
                 new = self._admit()
+            start = time.monotonic()
             try:
                 if new:
                     self._prefill(new)
                 if self.running:
                     self._decode()
             except Exception as e:  # a bug or an out-of-memory: fail the affected requests, keep serving
-                for seq in new + self.running:
-                    if not seq.future.done():
-                        seq.future.set_exception(e)
+                merged = {id(s) for s in new}
+                for seq in new + [s for s in self.running if id(s) not in merged]:
+                    self._finish(seq, e)
                 self.running, self.batch = [], None
+            self.busy += time.monotonic() - start
+
+    def _give_up(self) -> None:
+        error = ShuttingDown(
+            f"the server shut down before this request finished (it gives in-flight requests "
+            f"{self.grace:g} s after a stop signal); retry it"
+        )
+        for seq in list(self.waiting) + self.running:
+            self._finish(seq, error)
+        self.waiting.clear()
+        self.running, self.batch = [], None
+
+    def _drop_gone(self) -> None:
+        """Rows whose client hung up or whose deadline passed leave before the next step computes them."""
+        now = time.monotonic()
+        keep = [i for i, s in enumerate(self.running) if not (s.cancelled or s.deadline < now)]
+        if len(keep) == len(self.running):
+            return
+        for i, seq in enumerate(self.running):
+            if i not in keep:
+                self._finish(seq, Cancelled() if seq.cancelled else TimeoutError())
+        self.batch = select_rows(self.batch, keep) if keep else None
+        self.running = [self.running[i] for i in keep]
 
     def _admit(self) -> list[Sequence]:
         now = time.monotonic()
-        for seq in [s for s in self.waiting if s.cancelled or s.deadline < now]:
+        for seq in [s for s in self.waiting if s.cancelled or s.deadline < now or s.future.cancelled()]:
             self.waiting.remove(seq)
             self._finish(seq, TimeoutError())
         if self.running and not self.merging:
@@ -169,18 +212,36 @@ class Scheduler:
             w = max(width, len(seq.prompt_ids))
             if new and w * (len(new) + 1) > self.max_prefill_tokens:
                 break
-            new.append(self.waiting.popleft())
-            width = w
+            self.waiting.popleft()
+            # from here on the future cannot be cancelled; one cancelled while waiting is dropped
+            if seq.future.set_running_or_notify_cancel():
+                new.append(seq)
+                width = w
+            else:
+                self.finished += 1
         return new
 
     def _finish(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """Resolve one sequence's future. It may have been cancelled or resolved meanwhile (a client that gave
+        up): that is that request's business alone."""
         self.finished += 1
-        if seq.future.done():
-            return
-        if error is not None:
-            seq.future.set_exception(error)
-        else:
-            seq.future.set_result(seq)
+        if error is None:
+            self.recent.append(self.busy)
+        try:
+            if error is not None:
+                seq.future.set_exception(error)
+            else:
+                seq.future.set_result(seq)
+        except InvalidStateError:
+            pass
+
+    def _accept(self, seq: Sequence, chosen: tuple) -> bool | None:
+        """seq.accept, with an error (a stop check that fails) failing that sequence alone: None."""
+        try:
+            return seq.accept(*chosen)
+        except Exception as e:
+            self._finish(seq, e)
+            return None
 
     def _prefill(self, new: list[Sequence]) -> None:
         pf = prefill(
@@ -194,10 +255,11 @@ class Scheduler:
             seq.prompt_logprobs = scored
         chosen = choose_tokens(pf.logits, [s.sampling for s in new], [s.top_k_per_token for s in new])
         keep = []
-        for i, (seq, (tok, lp, tops)) in enumerate(zip(new, chosen)):
-            if seq.max_new_tokens <= 0 or seq.accept(tok, lp, tops):
+        for i, (seq, choice) in enumerate(zip(new, chosen)):
+            done = True if seq.max_new_tokens <= 0 else self._accept(seq, choice)
+            if done:
                 self._finish(seq)
-            else:
+            elif done is False:
                 keep.append(i)
         if not keep:
             return
@@ -216,14 +278,12 @@ class Scheduler:
         self.steps["max_rows"] = max(self.steps["max_rows"], len(rows))
         logits = decode_step(self.model, self.batch, [s.token_ids[-1] for s in rows])
         chosen = choose_tokens(logits, [s.sampling for s in rows], [s.top_k_per_token for s in rows])
-        now = time.monotonic()
         keep = []
-        for i, (seq, (tok, lp, tops)) in enumerate(zip(rows, chosen)):
-            if seq.cancelled or seq.deadline < now:
-                self._finish(seq, TimeoutError())
-            elif seq.accept(tok, lp, tops):
+        for i, (seq, choice) in enumerate(zip(rows, chosen)):
+            done = self._accept(seq, choice)
+            if done:
                 self._finish(seq)
-            else:
+            elif done is False:
                 keep.append(i)
         if not keep:
             self.batch, self.running = None, []
