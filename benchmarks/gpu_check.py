@@ -300,6 +300,7 @@ def slice_recipe(ctx: Context, name: str) -> Path:
 
     cfg = yaml.safe_load((EXAMPLES / "llama2-7b-qlora-rtx4090.yaml").read_text())
     cfg["name"], cfg["model"], cfg["out_dir"] = name, str(ctx.work / "slice"), str(ctx.work / "runs")
+    cfg["data"].pop("prepare", None)  # the recipe's own data mix is prepared for a day; a sample does here
     cfg["data"].update(train=str(DATA), val_fraction=0.05)
     tc = cfg["train"]
     for key in ("budget", "epochs"):
