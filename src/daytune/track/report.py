@@ -479,14 +479,7 @@ def _sweep_charts(st: dict) -> list[str]:
             ax.plot(xs, ys, "o", color=COLORS[0], label="finished trial")
             best = [better(ys[: i + 1]) for i in range(len(ys))]
             ax.step(xs, best, where="post", color=COLORS[1], label="best so far")
-            for t in done:
-                ax.annotate(
-                    str(t["number"]),
-                    (t["ended"], t["value"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+            _number_points(ax, [(t["number"], t["ended"], t["value"]) for t in done])
 
         charts.append(
             _figure("Objective over time", "seconds since the sweep started", "objective", objective)
@@ -525,14 +518,7 @@ def _sweep_charts(st: dict) -> list[str]:
 
         def scatter(ax):
             ax.plot([t["value"] for t in pairs], [t["test"] for t in pairs], "o", color=COLORS[4])
-            for t in pairs:
-                ax.annotate(
-                    str(t["number"]),
-                    (t["value"], t["test"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+            _number_points(ax, [(t["number"], t["value"], t["test"]) for t in pairs])
 
         title = f"Validation vs test (Spearman {_fmt(rc.get('spearman'))}, n={rc.get('n')})"
         charts.append(_figure(title, "objective (validation suite)", "test suite", scatter))
@@ -614,3 +600,9 @@ def write_sweep_report(st: dict, runs: list[RunDir], out: str | Path) -> Path:
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n"
     )
     return write_text_atomic(out, page)
+
+
+def _number_points(ax, points) -> None:
+    """Label each (trial number, x, y) point of a sweep plot with its trial number."""
+    for number, x, y in points:
+        ax.annotate(str(number), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
