@@ -37,6 +37,8 @@ def export_gguf(source: ModelSource, out: Path, quant: str, *, log=print) -> Pat
         hf_dir = tmp / "hf"
         tokenizer = _merged_folder(source, hf_dir, log)
         base = base_facts(source.model)
+        if not base["licence"]:
+            log(f"warning: no licence known for {source.model}: the GGUF will have no general.license")
         stem = _stem(source)
         name = f"{stem}-{quant}.gguf"
         outtype, ftype = QUANTS[quant]
@@ -50,6 +52,7 @@ def export_gguf(source: ModelSource, out: Path, quant: str, *, log=print) -> Pat
             converted.unlink()
             converted = quantized
         labels = _daytune_keys(source, base, quant, tools)
+        log("Writing the base model, licence and run into the GGUF's metadata...")
         _relabel(converted, tmp / name, labels, tokenizer.chat_template)
         converted.unlink()
         check_gguf(tmp / name, labels, tokenizer.chat_template)
@@ -86,6 +89,7 @@ def _merged_folder(source: ModelSource, hf_dir: Path, log):
     """The model with its adapter merged, as an fp32 HF folder with the tokenizer the run trained with."""
     import torch
 
+    log(f"Loading {source.model}{' and merging ' + str(source.trained) if source.trained else ''} (fp32)...")
     model, tokenizer, _ = load_for_inference(source, merge=True, dtype=torch.float32, log=log)
     if source.trained and (source.trained / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(source.trained)
@@ -210,8 +214,13 @@ def _relabel(src: Path, dst: Path, keys: dict[str, str], chat_template: str | No
         new[Keys.Tokenizer.CHAT_TEMPLATE] = chat_template
     arch = reader.fields[Keys.General.ARCHITECTURE].contents()
     writer = GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    if (
+        Keys.General.ALIGNMENT in reader.fields
+    ):  # the writer pads tensors by its own alignment: keep the file's
+        writer.add_custom_alignment(int(reader.fields[Keys.General.ALIGNMENT].contents()))
+    skip = {Keys.General.ARCHITECTURE, Keys.General.ALIGNMENT, *new}
     for field in reader.fields.values():
-        if field.name == Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in new:
+        if field.name in skip or field.name.startswith("GGUF."):
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
