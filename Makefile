@@ -15,7 +15,7 @@ STAMP := $(VENV)/.daytune-setup-$(TORCH_ID)
 # silently train on the CPU); CPU_ONLY=1 accepts a CPU build there.
 CPU_ONLY ?=
 
-.PHONY: setup check-cuda demo test test-fast bench lint clean helm-venv gpu-wheels gpu-check
+.PHONY: setup check-cuda demo test test-fast bench lint clean helm-venv llama-venv gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -85,5 +85,25 @@ gpu-wheels: setup
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# GGUF export (daytune export --format gguf): llama.cpp's own converter and quantizer, from the llama-cpp-python
+# sources on the package index (they vendor llama.cpp), in a separate venv with the converter's own dependencies
+# (llama-constraints.txt). The library (quantizer, loader) is built into $(LLAMA_VENV); the sources it was built
+# from stay in $(LLAMA_VENV)/llama.cpp (convert_hf_to_gguf.py, gguf-py). No wheel is published for Linux, so this
+# compiles llama.cpp: about 11 minutes on 2 busy cores, 1.5 GB with the CPU torch.
+LLAMA_VENV ?= .venv-llama
+LLAMA_SRC := $(LLAMA_VENV)/src
+LLAMA_PIP := $(LLAMA_VENV)/bin/python -m pip --disable-pip-version-check -q
+llama-venv: $(LLAMA_VENV)/.daytune-llama
+
+$(LLAMA_VENV)/.daytune-llama: llama-constraints.txt
+	@test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	rm -rf $(LLAMA_SRC) $(LLAMA_VENV)/llama.cpp && mkdir -p $(LLAMA_SRC)
+	$(LLAMA_PIP) download --no-deps --no-binary :all: -c llama-constraints.txt llama-cpp-python -d $(LLAMA_SRC)
+	tar xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC) && rm $(LLAMA_SRC)/llama_cpp_python-*.tar.gz
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_PIP) install -c llama-constraints.txt \
+		$$(ls -d $(LLAMA_SRC)/llama_cpp_python-*/) torch transformers numpy sentencepiece protobuf
+	ln -s src/$$(cd $(LLAMA_SRC) && ls -d llama_cpp_python-*/)vendor/llama.cpp $(LLAMA_VENV)/llama.cpp
+	@touch $@
+
 clean:
-	rm -rf $(VENV) $(HELM_VENV) .pytest_cache
+	rm -rf $(VENV) $(HELM_VENV) $(LLAMA_VENV) .pytest_cache

@@ -22,6 +22,7 @@ EPILOG = """examples:
   daytune eval --run runs/<run-id> --with-base         evaluation suite: the run's adapter vs the base model
   daytune serve --run runs/<run-id> --port 8080        serve it through the competition API
   daytune export runs/<run-id> --merge --out merged/   a plain transformers model folder
+  daytune export runs/<run-id> --format gguf --quant q4_k_m --out gguf/   one GGUF + Ollama Modelfile
   daytune submit runs/<run-id> --out submission/       a Dockerfile folder for the competition
   daytune plan --model llama-2-7b --method qlora --seq-len 2048 --gpu rtx4090-24gb --budget 24h
                                                        will it fit, how fast, how much data a day buys

@@ -64,17 +64,29 @@ def add_submit_parser(sub) -> None:
 
 
 def add_export_parser(sub) -> None:
-    sp = sub.add_parser("export", help="write a run's model as a plain transformers (or PEFT) folder")
-    sp.add_argument("run", help="a run folder")
+    sp = sub.add_parser(
+        "export",
+        help="write a run's model as a transformers (or PEFT) folder, or as a GGUF for llama.cpp and Ollama",
+        description="Export a run's model (or --model REF [--adapter DIR]). --format hf (default): a PEFT "
+        "adapter copy, or with --merge a full transformers folder. --format gguf: the adapter merged, converted "
+        "and quantized by llama.cpp's own tools (make llama-venv), with an Ollama Modelfile and a README.",
+    )
+    sp.add_argument("run", nargs="?", help="a run folder or run id")
+    sp.add_argument("--model", help="instead of a run: a model reference (name, HF folder, .gguf, hub id)")
+    sp.add_argument("--adapter", help="a PEFT adapter folder on top of --model")
     sp.add_argument("--out", required=True, help="new folder to write (must not exist or be empty)")
+    sp.add_argument("--format", default="hf", choices=("hf", "gguf"), help="hf (default) or gguf")
+    sp.add_argument(
+        "--quant", default="q8_0", help="GGUF weights: f16, q8_0 (default) or q4_k_m (llama.cpp's quantizer)"
+    )
     sp.add_argument(
         "--merge", action="store_true", help="fold the adapter into the base: a full HF model folder"
     )
     sp.add_argument(
         "--dtype",
         default="auto",
-        help="weights dtype of a merged model: auto (what the weights came in: the base's dtype, a QLoRA run's "
-        "compute dtype), float32, bfloat16, float16",
+        help="weights dtype of a merged HF model: auto (what the weights came in: the base's dtype, a QLoRA run's "
+        "compute dtype), float32, bfloat16, float16 (GGUF: see --quant)",
     )
 
 
@@ -151,7 +163,29 @@ def cmd_submit(args, reporter) -> int:
 def cmd_export(args, reporter) -> int:
     from daytune.train.export import export_run
 
-    out = export_run(args.run, args.out, merge=args.merge, dtype=args.dtype, log=reporter.log)
+    if (args.run is None) == (args.model is None):
+        raise DaytuneError("export: give a run folder (or run id) or --model REF, not both and not neither")
+    if args.adapter and args.model is None:
+        raise DaytuneError("--adapter: goes with --model (a run brings its own adapter)")
+    out = export_run(
+        args.run,
+        args.out,
+        merge=args.merge,
+        dtype=args.dtype,
+        log=reporter.log,
+        model=args.model,
+        adapter=args.adapter,
+        format=args.format,
+        quant=args.quant,
+    )
+    if args.format == "gguf":
+        name = out.stem.lower()
+        reporter.print(
+            f"Exported GGUF ({args.quant}, {out.stat().st_size / 2**20:.1f} MiB) to {out}\n"
+            f"  ollama create {name} -f {out.parent / 'Modelfile'} && ollama run {name}\n"
+            f"  llama-cli -m {out} -cnv"
+        )
+        return 0
     kind = "merged model" if args.merge or not (out / "adapter_config.json").is_file() else "PEFT adapter"
     reporter.print(f"Exported {kind} to {out}")
     return 0
