@@ -49,7 +49,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    max_batch: int, threads: int | None, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -64,6 +66,7 @@ def start_server(max_batch: int, threads: int | None) -> tuple[subprocess.Popen,
     ]
     cmd += ["--max-batch", str(max_batch), "--max-queue", "1024"]
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx

@@ -10,6 +10,11 @@ LIMITS = (  # (option, type, help); defaults from ServeOptions
     ("max_queue", int, "waiting sequences before answering 503"),
     ("max_prefill_tokens", int, "padded prompt tokens per prefill step"),
     ("max_new_tokens", int, "cap on max_new_tokens"),
+    (
+        "prefix_cache_mb",
+        int,
+        "MB of recent prompts' KV caches reused by prompts sharing their prefix; 0 = off",
+    ),
     ("request_timeout", float, "seconds before a request gets HTTP 504"),
     ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM; unfinished ones then get 503"),
 )
@@ -99,6 +104,8 @@ def _options(args):
             raise DaytuneError(
                 f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}"
             )
+    if args.prefix_cache_mb < 0:
+        raise DaytuneError(f"--prefix-cache-mb: must be 0 (off) or more, got {args.prefix_cache_mb}")
     if not 1 <= args.port <= 65535:
         raise DaytuneError(f"--port: must be between 1 and 65535, got {args.port}")
     if args.request_timeout <= 0:
@@ -115,6 +122,7 @@ def _options(args):
         max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens,
         max_new_tokens=args.max_new_tokens,
+        prefix_cache_mb=args.prefix_cache_mb,
         request_timeout=args.request_timeout,
         shutdown_grace=args.shutdown_grace,
     )

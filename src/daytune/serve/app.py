@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from daytune.engine.prefix_cache import PrefixCache
 from daytune.errors import DaytuneError
 from daytune.serve.model import RequestError, ServeModel
 from daytune.serve.options import ServeOptions
@@ -148,6 +149,7 @@ def create_app(server: ServeModel, options: ServeOptions | None = None) -> FastA
         max_queue=options.max_queue,
         max_prefill_tokens=options.max_prefill_tokens,
         pad_id=server.pad_id,
+        prefix_cache=PrefixCache(options.prefix_cache_mb * 2**20) if options.prefix_cache_mb > 0 else None,
     )
 
     ProcessRequest, DecodeRequest = server_requests(
@@ -200,6 +202,7 @@ def create_app(server: ServeModel, options: ServeOptions | None = None) -> FastA
             status="stopping" if scheduler.stopping else "ok",
             max_new_tokens=options.max_new_tokens,
             queue=scheduler.stats(),
+            prefix_cache=scheduler.prefix_cache.info() if scheduler.prefix_cache is not None else None,
             **server.info(),
         )
 

@@ -17,6 +17,9 @@ class ServeOptions:
     max_queue: int = 256  # sequences waiting for a batch slot before the server answers 503
     max_prefill_tokens: int = 8192  # padded prompt tokens prefilled in one step (bounds memory and stalls)
     max_new_tokens: int = 1024  # cap on a request's max_new_tokens
+    prefix_cache_mb: int = (
+        512  # KV caches of recent prompts kept for requests that share their prefix; 0: off
+    )
     request_timeout: float = 600.0  # seconds a /process request may take before it is dropped (HTTP 504)
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies are refused (HTTP 413)
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM/SIGINT

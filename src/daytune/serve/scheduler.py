@@ -25,6 +25,7 @@ from daytune.engine.decode import (
     prefill,
     select_rows,
 )
+from daytune.engine.prefix_cache import PrefixCache
 
 
 class QueueFull(Exception):
@@ -84,9 +85,17 @@ class Sequence:
 
 class Scheduler:
     def __init__(
-        self, model, *, max_batch: int = 16, max_queue: int = 256, max_prefill_tokens: int = 8192, pad_id=0
+        self,
+        model,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 8192,
+        pad_id=0,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.model = model
+        self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.max_batch = max(1, max_batch)
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
@@ -244,13 +253,33 @@ class Scheduler:
             return None
 
     def _prefill(self, new: list[Sequence]) -> None:
+        """Prefill the admitted sequences: with a prefix cache, in groups that reuse a cached prefix (each group
+        computes only what follows it), then the rest whole; every prefilled prompt is offered to the cache."""
+        cache = self.prefix_cache
+        if cache is None:
+            self._prefill_group(new, None)
+            return
+        eligible = [s.score_prompt is None for s in new]
+        for hit, members in cache.plan(self.model, [s.prompt_ids for s in new], eligible, self.pad_id):
+            self._prefill_group([new[i] for i in members], hit)
+
+    def _prefill_group(self, new: list[Sequence], hit) -> None:
+        prefix = hit.length if hit is not None else 0
         pf = prefill(
             self.model,
-            [s.prompt_ids for s in new],
+            [s.prompt_ids[prefix:] for s in new],
             score_prompt=[s.score_prompt for s in new],
             pad_id=self.pad_id,
+            prefix_len=prefix,
+            cache=hit.cache_for(len(new)) if hit is not None else None,
         )
         self.steps["prefill"] += 1
+        if self.batch is None and not can_merge(pf.batch):
+            self.merging, self.prefix_cache = False, None  # a cache rows cannot share (sliding windows)
+        if self.prefix_cache is not None:
+            for i, seq in enumerate(new):
+                columns = pf.batch.mask[i].nonzero()[:, 0]
+                self.prefix_cache.insert(seq.prompt_ids, pf.batch.cache, i, columns, hit)
         for seq, scored in zip(new, pf.prompt_logprobs):
             seq.prompt_logprobs = scored
         chosen = choose_tokens(pf.logits, [s.sampling for s in new], [s.top_k_per_token for s in new])

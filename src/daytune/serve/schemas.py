@@ -147,6 +147,11 @@ class HealthResponse(BaseModel):
     max_context: int
     max_new_tokens: int
     queue: dict[str, int]
+    prefix_cache: dict[str, int] | None = Field(
+        None,
+        description="the prefix cache (--prefix-cache-mb): entries, bytes, max_bytes, lookups, hits, "
+        "tokens_reused, tokens_prefilled, evicted; null when off",
+    )
 
 
 class ErrorResponse(BaseModel):
