@@ -25,9 +25,8 @@ CHATML = (
 
 def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     """A 2-layer, 64-wide Llama and a 512-token byte-level BPE trained on the demo data."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     texts = []
     for name in ("gsm8k_train.jsonl", "mmlu_test.jsonl"):
@@ -52,23 +51,31 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
+    return save_tiny_llama(folder, fast, seed)
+
+
+def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
+    """A 2-layer, 64-wide random Llama for `tokenizer`, saved with it in `folder` (config overrides in `config`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        **config,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    fast.save_pretrained(folder)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

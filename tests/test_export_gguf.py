@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, ROOT, write_tiny_recipe
+from conftest import CHATML, ROOT, save_tiny_llama, write_tiny_recipe
 from gotemplate import ollama_chat
 
 from daytune.cli import main
@@ -57,26 +57,8 @@ def llama_venv():
 def build_smol_tiny(folder: Path, seed: int = 0) -> Path:
     """A 2-layer, 64-wide Llama with SmolLM2's real tokenizer and chat template (a tokenizer llama.cpp's converter
     knows, unlike conftest's 512-token BPE) and a model card naming its licence."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = load_tokenizer(resolve_model("smollm2-135m", log=lambda *a: None))
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
+    save_tiny_llama(folder, tok, seed, initializer_range=0.1)
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny test model\n", encoding="utf-8")
     return folder
 
