@@ -72,6 +72,21 @@ def test_heldout_loss_is_the_mean_per_scored_token_in_eval_mode(tiny_model):
     with torch.no_grad():
         parts = [engine_loss.response_loss(model, engine_loss.pad_batch([e], 2)) for e in exs]
     assert got == pytest.approx(sum(float(x) for x, _ in parts) / sum(n for _, n in parts), abs=1e-5)
+    rows = engine_loss.row_losses(model, exs, pad_id=2, batch_size=2, device="cpu")  # per example, in order
+    assert [n for _, n in rows] == [n for _, n in parts]
+    assert [x for x, _ in rows] == pytest.approx([float(x) for x, _ in parts], abs=1e-4)
+
+
+def test_heldout_delta_is_a_paired_bootstrap_of_the_pooled_loss():
+    from daytune.eval.basic import heldout_delta, pooled_loss
+
+    base = {"row_losses": [[20.0, 10], [9.0, 3], [30.0, 10], [4.0, 2]]}
+    tuned = {"row_losses": [[15.0, 10], [6.0, 3], [26.0, 10], [3.0, 2]]}  # better on every example
+    d = heldout_delta(base, tuned, iters=200)
+    assert pooled_loss([{"loss": 20.0, "n": 10}, {"loss": 9.0, "n": 3}]) == pytest.approx(29 / 13)
+    assert d["delta"] == pytest.approx(50 / 25 - 63 / 25) and d["n"] == 4
+    assert d["ci_low"] <= d["delta"] <= d["ci_high"] < 0
+    assert heldout_delta({"loss": 1.0}, tuned) is None  # results written before per-example losses were kept
 
 
 def test_prompt_logprobs_match_log_softmax(tiny_model):

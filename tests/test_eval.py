@@ -413,6 +413,13 @@ def test_run_recipe_evaluates_the_suite_base_and_tuned(tiny_recipe):
         assert "exact_match" in sc["gsm8k"]["metrics"]
         assert (run / "eval/quick" / side / "results.json").is_file()
     assert summary["eval"]["base"]["heldout"]["rows"] == 8
+    delta = summary["eval"]["delta"]  # tuned - base, paired over the same examples, with a 95% CI
+    assert delta["heldout_loss"]["n"] == 8
+    assert (
+        delta["heldout_loss"]["ci_low"] <= delta["heldout_loss"]["delta"] <= delta["heldout_loss"]["ci_high"]
+    )
+    assert {k.split("/")[0] for k in delta} == {"heldout_loss", "openbookqa", "gsm8k"}
+    assert delta["openbookqa/exact_match"]["n"] == 2
 
 
 def test_harness_bridge_runs_lm_evals_tasks_offline(tiny_model, tmp_path, monkeypatch):

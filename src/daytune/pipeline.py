@@ -9,6 +9,7 @@ its fingerprint, so a resume trains on exactly the same rows.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -272,7 +273,35 @@ def evaluate_pair(
             results["tuned"] = evaluate(tuned, tokenizer, cfg.eval, cfg.data)
             if cfg.eval.suite and suite_dir is not None:
                 results["tuned"]["suite"] = _suite(cfg, tuned, tokenizer, "tuned", suite_dir, reporter)
+    if "base" in results and "tuned" in results:
+        results["delta"] = pair_deltas(
+            results, suite_dir / cfg.eval.suite if cfg.eval.suite and suite_dir else None
+        )
     return results
+
+
+def pair_deltas(results: dict, suite_dir: Path | None) -> dict:
+    """Tuned minus base with 95% CIs from paired bootstraps over the same examples: the held-out loss, and each
+    suite scenario's main metric (from the records under `suite_dir/{base,tuned}`)."""
+    from daytune.eval.basic import heldout_delta
+    from daytune.eval.report import compare, load_results
+
+    out: dict = {}
+    if "heldout" in results["base"] and "heldout" in results["tuned"]:
+        d = heldout_delta(results["base"]["heldout"], results["tuned"]["heldout"])
+        if d is not None:
+            out["heldout_loss"] = d
+    if suite_dir is not None and (suite_dir / "tuned" / "results.json").is_file():
+        a, b = (
+            load_results(suite_dir / "base" / "results.json"),
+            load_results(suite_dir / "tuned" / "results.json"),
+        )
+        main = {name: sc["main_metric"] for name, sc in b["scenarios"].items()}
+        for row in compare(a, b):
+            if main.get(row["scenario"]) == row["metric"]:
+                keys = ("delta", "ci_low", "ci_high", "p", "n", "significant")
+                out[f"{row['scenario']}/{row['metric']}"] = {k: row[k] for k in keys}
+    return out
 
 
 def evaluate_run(cfg: RunConfig, run: RunDir, reporter: Reporter, tuned: bool = True) -> dict:
@@ -335,34 +364,55 @@ def score_model(
     return summaries
 
 
+def _delta_cell(d: dict | None, fallback: float) -> tuple[str, str]:
+    """(Δ with its 95% CI, instances) for the table; * marks a CI that excludes 0 (for suite scenarios, with
+    enough instances for a verdict: eval.report.MIN_PAIRED)."""
+    if d is None or d.get("ci_low") is None or math.isnan(d["ci_low"]):
+        return f"{fallback:+.4f}", str(d["n"]) if d else ""
+    star = " *" if d.get("significant", d["ci_low"] > 0 or d["ci_high"] < 0) else ""
+    return f"{d['delta']:+.4f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{star}", str(d["n"])
+
+
 def eval_table(results: dict) -> Table:
-    table = Table(title="evaluation")
+    """Base and tuned side by side; with both, Δ = tuned - base with its 95% CI (paired bootstrap over the same
+    examples) and how many examples it rests on: a Δ of 0 on 3 instances says nothing, and the table shows it."""
+    paired = len([c for c in ("base", "tuned") if c in results]) == 2
+    table = Table(
+        title="evaluation",
+        caption="Δ [95% CI of Δ, paired bootstrap]; * = the CI excludes 0" if paired else None,
+    )
     cols = [c for c in ("base", "tuned") if c in results]
+    deltas = results.get("delta", {})
     table.add_column("metric")
     for c in cols:
         table.add_column(c, justify="right")
-    if len(cols) == 2:
-        table.add_column("Δ", justify="right")
+    if paired:
+        table.add_column("Δ [95% CI]", justify="right")
+        table.add_column("n", justify="right")
     rows = [
-        ("held-out loss (lower is better)", ("heldout", "loss")),
-        ("held-out perplexity", ("heldout", "perplexity")),
-        ("multiple-choice accuracy", ("multiple_choice", "accuracy")),
+        ("held-out loss (lower is better)", ("heldout", "loss"), "heldout_loss"),
+        ("held-out perplexity", ("heldout", "perplexity"), None),
+        ("multiple-choice accuracy", ("multiple_choice", "accuracy"), None),
     ]
-    for label, (section, key) in rows:
+    for label, (section, key), dkey in rows:
         values = [results[c].get(section, {}).get(key) for c in cols]
         if all(v is None for v in values):
             continue
         cells = ["-" if v is None else f"{v:.4f}" for v in values]
-        if len(cols) == 2 and None not in values:
-            cells.append(f"{values[1] - values[0]:+.4f}")
+        if paired and None not in values:
+            n = results[cols[1]][section].get("rows")
+            delta, count = _delta_cell(deltas.get(dkey) if dkey else None, values[1] - values[0])
+            cells += [delta, count or ("" if n is None else str(n))]
         table.add_row(label, *cells)
     suites = [results[c].get("suite", {}).get("scenarios", {}) for c in cols]
     for name in suites[-1] if suites else []:
         metric = suites[-1][name]["main_metric"]
         values = [s.get(name, {}).get("metrics", {}).get(metric, {}).get("value") for s in suites]
         cells = ["-" if v is None else f"{v:.4f}" for v in values]
-        if len(cols) == 2 and None not in values:
-            cells.append(f"{values[1] - values[0]:+.4f}")
+        if paired and None not in values:
+            d = deltas.get(f"{name}/{metric}")
+            delta, count = _delta_cell(d, values[1] - values[0])
+            cells += [delta, count or str(suites[-1][name].get("n", ""))]
         table.add_row(f"{name}: {metric}", *cells)
     return table
 

@@ -73,3 +73,31 @@ def heldout_loss(model, examples, pad_id: int, batch_size: int, device) -> float
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(1, count)
+
+
+@torch.no_grad()
+def row_losses(model, examples, pad_id: int, batch_size: int, device) -> list[tuple[float, int]]:
+    """Per example, in order: (summed response loss, label tokens), in eval mode. What a paired bootstrap over
+    examples needs to put a confidence interval on a held-out loss and on its change between two models."""
+    was_training = model.training
+    model.eval()
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    head = output_layer(model)
+    for b in range(0, len(order), batch_size):
+        rows = order[b : b + batch_size]
+        batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in rows], pad_id).items()}
+        h = final_hidden(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+        labels = batch["labels"][:, 1:]
+        for j, i in enumerate(rows):
+            selected = labels[j] != IGNORE_INDEX
+            hs, targets = h[j][selected], labels[j][selected]
+            total = sum(
+                float(
+                    F.cross_entropy(head(hs[c : c + CHUNK]).float(), targets[c : c + CHUNK], reduction="sum")
+                )
+                for c in range(0, int(targets.numel()), CHUNK)
+            )
+            out[i] = (total, int(targets.numel()))
+    model.train(was_training)
+    return out

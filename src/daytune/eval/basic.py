@@ -10,8 +10,7 @@ import torch
 
 from daytune.config import DataConfig, EvalConfig
 from daytune.data import encode_records, read_instructions, read_multiple_choice
-from daytune.engine import IGNORE_INDEX
-from daytune.engine.loss import heldout_loss as engine_heldout_loss
+from daytune.engine.loss import row_losses
 from daytune.engine.score import loglikelihood
 
 LETTERS = "ABCDEFGHIJ"
@@ -28,9 +27,10 @@ def heldout_loss(
 ) -> dict:
     examples, stats = encode_records(records, tokenizer, template, max_seq_len, system_prompt)
     device = next(model.parameters()).device
-    mean = engine_heldout_loss(model, examples, tokenizer.pad_token_id, batch_size, device)
+    rows = row_losses(model, examples, tokenizer.pad_token_id, batch_size, device)
     # tokens scored: every label but each example's first, which no token predicts
-    count = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)
+    count = sum(n for _, n in rows)
+    mean = sum(total for total, _ in rows) / max(1, count)
     return {
         "loss": round(mean, 5),
         "perplexity": round(math.exp(mean), 4),
@@ -38,7 +38,27 @@ def heldout_loss(
         "rows": len(examples),
         "truncated": stats.truncated,
         "dropped": stats.dropped_no_response,
+        "row_losses": [[round(total, 5), n] for total, n in rows],  # for paired CIs (pooled_loss)
     }
+
+
+def pooled_loss(rows: list[dict]) -> float:
+    """Loss per token over a sample of examples ({"loss": summed loss, "n": tokens}), as heldout_loss pools it."""
+    return sum(r["loss"] for r in rows) / max(1, sum(r["n"] for r in rows))
+
+
+def heldout_delta(base: dict, tuned: dict, iters: int = 1000) -> dict | None:
+    """The tuned minus base held-out loss with its 95% CI from a paired bootstrap over the examples both scored,
+    or None when either lacks per-example losses (results written before they were kept)."""
+    from daytune.eval.metrics import paired_bootstrap
+
+    a, b = base.get("row_losses"), tuned.get("row_losses")
+    if not a or not b or len(a) != len(b):
+        return None
+    ra = [{"loss": x, "n": n} for x, n in a]
+    rb = [{"loss": x, "n": n} for x, n in b]
+    lo, hi, p = paired_bootstrap(ra, rb, pooled_loss, iters=iters)
+    return {"delta": pooled_loss(rb) - pooled_loss(ra), "ci_low": lo, "ci_high": hi, "p": p, "n": len(a)}
 
 
 def mc_prompt(row: dict) -> str:
