@@ -4,7 +4,7 @@ import pytest
 
 from daytune.data import encode_records, read_instructions, read_multiple_choice
 from daytune.data.batching import BatchPlan, collate
-from daytune.data.templates import render
+from daytune.data.templates import render, render_segments
 from daytune.data.tokenize import IGNORE_INDEX
 from daytune.errors import ConfigError, DataError
 
@@ -82,7 +82,7 @@ def test_multiple_choice_validation(tmp_path):
 def test_loss_mask_covers_exactly_the_prompt(tiny_model):
     _, tok = tiny_model
     rec = {"instruction": "What is 2+2?", "input": "Be brief.", "output": "It is 4."}
-    for template in ("chat", "alpaca"):
+    for template in ("chat", "alpaca", "plain"):
         prompt, response = render(rec, tok, template)
         (ex,), stats = encode_records([rec], tok, template, 1000)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -90,6 +90,23 @@ def test_loss_mask_covers_exactly_the_prompt(tiny_model):
         assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:] and ex.n_trained > 0
         assert tok.decode(ex.input_ids[n_prompt:]) == response
         assert "It is 4." in response and "What is 2+2?" in prompt and "Be brief." in prompt
+
+
+def test_plain_template_is_the_text_an_evaluation_prompt_sends(tiny_model):
+    _, tok = tiny_model
+    eos = tok.eos_token
+    assert render(
+        {"instruction": "Definition: Say yes.\n\nInput: x\nOutput:", "output": "yes"}, tok, "plain"
+    ) == (
+        "Definition: Say yes.\n\nInput: x\nOutput:",
+        " yes" + eos,
+    )
+    assert render({"instruction": "What is 2+2?", "output": "4"}, tok, "plain") == (
+        "What is 2+2?",
+        "\n4" + eos,
+    )
+    convo = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    assert render_segments(convo, tok, "plain") == [("hi\n\n", False), ("hello" + eos, True)]
 
 
 def test_chat_template_renders_the_conversation(tiny_model):

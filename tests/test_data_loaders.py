@@ -140,6 +140,18 @@ def test_natural_instructions_real_task_files(shared_data):
     assert out.licences["task1393_superglue_copa_text_completion"] == "BSD 2-Clause"
     shot = load("sni", folder / "task1393_superglue_copa_text_completion.json", few_shot=2, max_per_task=10)
     assert len(shot.records) == 10 and "Example 2:\nInput:" in shot.records[0]["instruction"]
+    # prompt: tk-instruct trains on the very prompt the unseen suite sends for the instance
+    from daytune.eval.scenarios.base import DataRoot
+    from daytune.eval.scenarios.sni import read_task
+
+    tk = load(
+        "sni", folder / "task1393_superglue_copa_text_completion.json", max_per_task=3, prompt="tk-instruct"
+    )
+    task, instances = read_task(DataRoot(shared_data), "task1393_superglue_copa_text_completion")
+    by_id = {str(i["id"]): i for i in instances}
+    for r in tk.records:
+        assert r["input"] == "" and r["instruction"] == task.prompt(by_id[r["id"]]["input"], 0)
+        assert r["instruction"].startswith("Definition: ") and r["instruction"].endswith("\nOutput:")
 
 
 def test_gsm8k_real_train_file(shared_data):

@@ -132,6 +132,10 @@ def test_provenance_gate_refuses_disallowed_sources(tmp_path, tiny_model_dir):
     loosened = {**alpaca[0], "provenance": {"llm_generated": False, "commercial": True}}
     with pytest.raises(ConfigError, match="LLM-generated"):
         attempt(sources=[loosened])
+    with pytest.raises(
+        ConfigError, match=r"sources\[0\]\.prompt: 'tk' is not one of definition, tk-instruct"
+    ):
+        attempt(sources=[{**mine, "provenance": DECLARED, "prompt": "tk"}])
     assert not (tmp_path / "o").exists()
 
 

@@ -22,7 +22,7 @@ from daytune.errors import ConfigError
 from daytune.units import parse_duration, parse_interval, parse_size
 
 PRECISIONS = ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed")
-TEMPLATES = ("chat", "alpaca")
+TEMPLATES = ("chat", "alpaca", "plain")
 METHODS = ("lora", "dora", "qlora", "full", "freeze", "adapter", "prefix", "prompt", "ptuning", "ia3")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 TRACK_BACKENDS = ("wandb", "mlflow")
@@ -85,7 +85,9 @@ class DataConfig:
     val_rows: int | None = 200  # validation rows used (None: all)
     prepare: str | None = None  # a data recipe: `daytune run` prepares it into <run>/data and trains on that
     fingerprint: str | None = None  # the data's fingerprint; training refuses data that does not match
-    template: str = "chat"  # "chat" (the model's chat template) or "alpaca"
+    template: str = (
+        "chat"  # "chat" (the model's chat template), "alpaca", or "plain" (no roles: eval prompts)
+    )
     max_seq_len: int = 512
     max_rows: int | None = None  # use only the first N training rows
     system_prompt: str | None = None  # chat template only; None keeps the template's default

@@ -28,12 +28,14 @@ from daytune.data.files import (
     read_text,
 )
 from daytune.data.records import check_messages, make_record, parse_record
+from daytune.data.templates import tk_instruct_prompt
 from daytune.errors import DataError
 
 
 @dataclass
 class LoadOptions:
     few_shot: int = 0  # sni: positive examples shown after the definition
+    prompt: str = "definition"  # sni: definition | tk-instruct (data/recipe.py)
     max_per_task: int | None = None  # sni, flan: at most N rows per task (seeded sample)
     tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to keep (default all)
     exclude_tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to drop
@@ -267,8 +269,16 @@ def _sni_task(path: Path, where: str, task_obj: dict, name: str, opts, policy, o
                 make_record(
                     source=name,
                     id=str(inst.get("id") or f"{task}-{i}"),
-                    instruction=instruction,
-                    input=_str(inst, "input", at),
+                    **(
+                        {
+                            "instruction": tk_instruct_prompt(
+                                definition, positives, _str(inst, "input", at), opts.few_shot
+                            ),
+                            "input": "",
+                        }
+                        if opts.prompt == "tk-instruct"
+                        else {"instruction": instruction, "input": _str(inst, "input", at)}
+                    ),
                     output=outputs[0],
                     meta={"task": task},
                 )

@@ -28,6 +28,9 @@ class ProvenanceConfig:
     url: str = ""
 
 
+SNI_PROMPTS = ("definition", "tk-instruct")
+
+
 @dataclass
 class SourceConfig:
     source: str | None = None  # a registered source (`daytune data sources`); leave out for your own data
@@ -44,6 +47,9 @@ class SourceConfig:
     tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to keep
     exclude_tasks: list[str] = field(default_factory=list)  # sni, flan: task-name patterns to drop
     few_shot: int = 0  # sni: positive examples appended to the definition
+    # sni: "definition" (the definition as the instruction, the instance as its input) or "tk-instruct" (the whole
+    # Tk-Instruct prompt the unseen-task suite sends, as the instruction: train it with template plain)
+    prompt: str = "definition"
     languages: list[str] = field(default_factory=lambda: ["en"])  # oasst1: languages to keep ([] = all)
     text_split: str = "paragraph"  # text: paragraph | line | file
     chunk_words: int = 200  # text: join paragraphs into chunks of up to N words
@@ -150,6 +156,8 @@ class DataRecipe:
                 raise ConfigError(f"{where}: give `path:` (a local file or folder) or `hub:` (a dataset id)")
             if s.weight < 0:
                 raise ConfigError(f"{where}.weight: must not be negative, got {s.weight}")
+            if s.prompt not in SNI_PROMPTS:
+                raise ConfigError(f"{where}.prompt: {s.prompt!r} is not one of {', '.join(SNI_PROMPTS)}")
             if s.max_rows is not None and s.max_rows < 0:
                 raise ConfigError(f"{where}.max_rows: must not be negative")
             if s.on_error not in (None, "fail", "skip"):
@@ -213,6 +221,7 @@ def load_options(s: SourceConfig, seed: int, refused: dict[str, str] | None = No
     return LoadOptions(
         refused=dict(refused or {}),
         few_shot=s.few_shot,
+        prompt=s.prompt,
         max_per_task=s.max_per_task,
         tasks=list(s.tasks),
         exclude_tasks=list(s.exclude_tasks),

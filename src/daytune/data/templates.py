@@ -1,4 +1,5 @@
-"""Prompt templates. `render_segments` splits a record into the spans the model sees, each marked trained or
+"""Prompt templates: `chat` (the model's own), `alpaca`, and `plain` (the record's text as an evaluation prompt is
+written, no roles: what HELM's scenarios and the unseen-task suite send). `render_segments` splits a record into the spans the model sees, each marked trained or
 masked: for a single-turn record the prompt (masked) and the response (trained); for a conversation every
 assistant turn is trained and everything else (system, user turns, the template's role markers) is masked; plain
 text is trained whole."""
@@ -18,6 +19,34 @@ ALPACA_NO_INPUT = (
 )
 
 
+def _sentence(text: str) -> str:
+    """Tk-Instruct ends each field with a full stop when it has no punctuation of its own."""
+    import string
+
+    text = text.strip()
+    return text if not text or text[-1] in string.punctuation else text + "."
+
+
+def tk_instruct_prompt(definition: str, positives: list[dict], text: str, shots: int) -> str:
+    """Super-NaturalInstructions' Tk-Instruct encoding (Wang et al. 2022): "Definition: ...", `shots` of the
+    task's Positive Examples, then "Now complete the following example -\nInput: ...\nOutput:". The unseen-task
+    suite prompts with it, and a data recipe can train with it (sni `prompt: tk-instruct`, template plain)."""
+    parts = [f"Definition: {_sentence(definition)}\n\n"]
+    for i, ex in enumerate(positives[:shots], start=1):
+        ex_in, ex_out = _sentence(str(ex.get("input", ""))), _sentence(str(ex.get("output", "")))
+        parts.append(f"Positive Example {i} -\nInput: {ex_in}\nOutput: {ex_out}\n\n")
+    parts.append(f"Now complete the following example -\nInput: {_sentence(text)}\nOutput:")
+    return "".join(parts)
+
+
+def _plain_separator(prompt: str) -> str:
+    """What joins a plain prompt to its answer: nothing after whitespace, a space after a colon ("Output: yes",
+    as an evaluation prompt is continued), else a newline."""
+    if not prompt or prompt[-1].isspace():
+        return ""
+    return " " if prompt.endswith(":") else "\n"
+
+
 def user_message(record: dict[str, str]) -> str:
     return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
 
@@ -27,6 +56,8 @@ def render_prompt(record: dict[str, str], tokenizer, template: str, system_promp
     if template == "alpaca":
         fmt = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
         return fmt.format(instruction=record["instruction"], input=record.get("input", ""))
+    if template == "plain":
+        return user_message(record)
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
@@ -35,7 +66,7 @@ def render_prompt(record: dict[str, str], tokenizer, template: str, system_promp
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": user_message(record)})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ConfigError(f"data.template: unknown template {template!r} (use chat or alpaca)")
+    raise ConfigError(f"data.template: unknown template {template!r} (use chat, alpaca or plain)")
 
 
 def render(
@@ -45,6 +76,8 @@ def render(
     prompt = render_prompt(record, tokenizer, template, system_prompt)
     if template == "alpaca":
         return prompt, record["output"] + (tokenizer.eos_token or "")
+    if template == "plain":
+        return prompt, _plain_separator(prompt) + record["output"] + (tokenizer.eos_token or "")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages += [
         {"role": "user", "content": user_message(record)},
@@ -103,6 +136,20 @@ def _alpaca_chat_segments(messages: list[dict[str, str]], eos: str) -> list[tupl
     return [(text, trained) for text, trained in segments if text]
 
 
+def _plain_chat_segments(messages: list[dict[str, str]], eos: str) -> list[tuple[str, bool]]:
+    """Plain for conversations: no roles, turns one after another separated by a blank line, assistant turns
+    trained (each ending with EOS)."""
+    segments: list[tuple[str, bool]] = []
+    pending = ""
+    for m in messages:
+        if m["role"] == "assistant":
+            segments += [(pending, False), (m["content"] + eos, True)]
+            pending = "\n\n"
+        else:
+            pending += m["content"] + "\n\n"
+    return [(text, trained) for text, trained in segments if text]
+
+
 def render_segments(
     record: dict, tokenizer, template: str, system_prompt: str | None = None
 ) -> list[tuple[str, bool]]:
@@ -115,6 +162,8 @@ def render_segments(
             return _chat_segments(messages, tokenizer)
         if template == "alpaca":
             return _alpaca_chat_segments(messages, tokenizer.eos_token or "")
-        raise ConfigError(f"data.template: unknown template {template!r} (use chat or alpaca)")
+        if template == "plain":
+            return _plain_chat_segments(messages, tokenizer.eos_token or "")
+        raise ConfigError(f"data.template: unknown template {template!r} (use chat, alpaca or plain)")
     prompt, response = render(record, tokenizer, template, system_prompt)
     return [(prompt, False), (response, True)]

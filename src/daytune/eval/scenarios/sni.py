@@ -21,23 +21,17 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 
 from daytune.data.heldout import UNSEEN_TASKS
+from daytune.data.templates import tk_instruct_prompt
 from daytune.errors import DataError
 from daytune.eval import metrics as M
 from daytune.eval.lm import LM, GenerateRequest
 from daytune.eval.scenarios.base import DataRoot, Instance, Metric, Scenario, Settings, take
 
 MAX_LABELS = 10
-
-
-def _sentence(text: str) -> str:
-    """Tk-Instruct ends each field with a full stop when it has no punctuation of its own."""
-    text = text.strip()
-    return text if not text or text[-1] in string.punctuation else text + "."
 
 
 @dataclass
@@ -49,12 +43,7 @@ class Task:
     categories: list[str] = field(default_factory=list)
 
     def prompt(self, text: str, shots: int) -> str:
-        parts = [f"Definition: {_sentence(self.definition)}\n\n"]
-        for i, ex in enumerate(self.positives[:shots], start=1):
-            ex_in, ex_out = _sentence(str(ex.get("input", ""))), _sentence(str(ex.get("output", "")))
-            parts.append(f"Positive Example {i} -\nInput: {ex_in}\nOutput: {ex_out}\n\n")
-        parts.append(f"Now complete the following example -\nInput: {_sentence(text)}\nOutput:")
-        return "".join(parts)
+        return tk_instruct_prompt(self.definition, self.positives, text, shots)
 
 
 def label_set(instances: list[dict]) -> list[str]:
