@@ -107,7 +107,7 @@ def test_quickstart_recipe_loads():
     from conftest import EXAMPLES
 
     cfg = load_run_config(EXAMPLES / "quickstart.yaml")
-    assert cfg.train.budget == "3m" and cfg.model == "smollm2-135m"
+    assert cfg.train.budget == "2m30s" and cfg.data.packing and cfg.model == "smollm2-135m"
     assert cfg.data.train is None and cfg.data.prepare.endswith("quickstart-data.yaml")
 
 
