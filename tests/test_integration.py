@@ -88,7 +88,9 @@ def test_quickstart_with_a_budget_that_fits_a_step(tmp_path, smollm2_dir):
     for side in ("base", "tuned"):
         assert summary["eval"][side]["heldout"]["rows"] == 10
         suite = summary["eval"][side]["suite"]["scenarios"]
-        assert suite["mmlu"]["n"] == 5 and suite["bbq"]["n"] == 1  # the quickstart's scenarios, one instance each
+        assert (
+            suite["mmlu"]["n"] == 5 and suite["bbq"]["n"] == 1
+        )  # the quickstart's scenarios, one instance each
         assert set(suite) == {"mmlu", "truthfulqa", "bbq", "openbookqa", "wikitext2"}
         assert (run / "eval" / "quick" / side / "results.json").is_file()
     assert summary["eval"]["delta"]["heldout_loss"]["n"] == 10  # the table's Δ has its CI and instance count
