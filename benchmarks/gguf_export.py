@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 DATA = ROOT / "examples" / "data" / "gsm8k_test.jsonl"
+# what the export tests compare with: transformers' greedy tokens, and llama.cpp's view of a file (llama_check.py)
+from test_export_gguf import hf_greedy, llama  # noqa: E402
 
 
 def train(folder: Path, model: str, steps: int):
@@ -43,31 +45,6 @@ def train(folder: Path, model: str, steps: int):
     run = new_run(cfg)
     train_run(cfg, run)
     return run
-
-
-@torch.no_grad()
-def greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model(torch.tensor([ids]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < n:
-        out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
-
-
-def llama(gguf: Path, texts: list[str], n: int, score: list[list[int]], tmp: Path) -> dict:
-    venv = Path(os.environ.get("DAYTUNE_LLAMA_VENV", ROOT / ".venv-llama"))
-    job = {"gguf": str(gguf), "texts": texts, "n": n, "messages": [], "score": score, "logits_dir": str(tmp)}
-    (tmp / "job.json").write_text(json.dumps(job))
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), str(ROOT / "tests" / "llama_check.py"), str(tmp / "job.json")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    result = json.loads(out)
-    result["logits"] = [np.load(tmp / f"{i}.npy") for i in range(len(score))]
-    return result
 
 
 def kl_and_top1(model, seq: list[int], prompt_len: int, theirs: np.ndarray) -> tuple[float, float]:
@@ -121,7 +98,7 @@ def main() -> None:
         for r in rows
     ]  # fmt: skip
     ids = [tok(t).input_ids for t in texts]
-    expected = [greedy(model, i, args.tokens) for i in ids]
+    expected = [hf_greedy(model, i, args.tokens) for i in ids]
     results = []
     for quant in args.quants:
         out = work / quant
@@ -136,7 +113,7 @@ def main() -> None:
         scratch = work / f"llama-{quant}"
         scratch.mkdir()
         seqs = [i + e for i, e in zip(ids, expected)]
-        got = llama(gguf, texts, args.tokens, seqs, scratch)
+        got = llama(gguf, scratch, texts, args.tokens, seqs)
         runs = [
             next((k for k, (a, b) in enumerate(zip(e, g)) if a != b), len(e))
             for e, g in zip(expected, got["greedy"])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import prompt_tokens, start_server  # noqa: E402
+from serve_throughput import greedy_request, prompt_tokens, rates, start_server  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -57,16 +57,7 @@ async def send(url: str, subjects: list[list[str]], clients: int) -> dict:
     async def client(c: int, s: int, texts: list[str], http: httpx.AsyncClient) -> None:
         nonlocal errors
         for i in range(c, len(texts), clients):
-            body = {
-                "prompt": texts[i],
-                "temperature": 1e-7,
-                "num_return_sequences": 1,
-                "max_new_tokens": 1,
-                "top_p": 1,
-                "echo_prompt": False,
-                "top_k_per_token": 5,
-                "stop_sequences": ["\n"],
-            }
+            body = greedy_request(texts[i], 1, top_k_per_token=5, stop=["\n"])
             t0 = time.perf_counter()
             resp = await http.post(f"{url}/process", json=body)
             latencies.append(time.perf_counter() - t0)
@@ -81,15 +72,9 @@ async def send(url: str, subjects: list[list[str]], clients: int) -> dict:
             await asyncio.gather(*(client(c, s, texts, http) for c in range(clients)))
         wall = time.perf_counter() - t0
         health = (await http.get(f"{url}/health")).json()
-    latencies.sort()
-    n = len(latencies)
     return {
-        "requests": n,
         "errors": errors,
-        "seconds": wall,
-        "requests_per_s": n / wall,
-        "p50_s": statistics.median(latencies),
-        "p95_s": latencies[min(n - 1, round(0.95 * (n - 1)))],
+        **rates(latencies, wall),
         "answers": answers,
         "prefix_cache": health.get("prefix_cache"),
     }

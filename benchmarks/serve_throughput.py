@@ -84,6 +84,33 @@ def start_server(
     raise RuntimeError("server did not start in 120 s")
 
 
+def greedy_request(prompt: str, max_new_tokens: int, top_k_per_token: int = 1, stop: list[str] = ()) -> dict:
+    """A HELM-shaped greedy /process body (temperature 1e-7, as HELM asks for greedy decoding), no echo."""
+    return {
+        "prompt": prompt,
+        "temperature": 1e-7,
+        "num_return_sequences": 1,
+        "max_new_tokens": max_new_tokens,
+        "top_p": 1,
+        "echo_prompt": False,
+        "top_k_per_token": top_k_per_token,
+        "stop_sequences": list(stop),
+    }
+
+
+def rates(latencies: list[float], wall: float) -> dict:
+    """Requests, seconds, requests/s and p50/p95 latency of one load run."""
+    latencies = sorted(latencies)
+    n = len(latencies)
+    return {
+        "requests": n,
+        "seconds": wall,
+        "requests_per_s": n / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": latencies[min(n - 1, round(0.95 * (n - 1)))],
+    }
+
+
 async def load(url: str, texts: list[str], clients: int, per_client: int, max_new_tokens: int) -> dict:
     import httpx
 
@@ -95,16 +122,7 @@ async def load(url: str, texts: list[str], clients: int, per_client: int, max_ne
         nonlocal errors
         for r in range(per_client):
             i = (c * per_client + r) % len(texts)
-            body = {
-                "prompt": texts[i],
-                "temperature": 1e-7,
-                "num_return_sequences": 1,
-                "max_new_tokens": max_new_tokens,
-                "top_p": 1,
-                "echo_prompt": False,
-                "top_k_per_token": 1,
-                "stop_sequences": [],
-            }
+            body = greedy_request(texts[i], max_new_tokens)
             t0 = time.perf_counter()
             resp = await http.post(f"{url}/process", json=body)
             latencies.append(time.perf_counter() - t0)
@@ -117,18 +135,7 @@ async def load(url: str, texts: list[str], clients: int, per_client: int, max_ne
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, http) for c in range(clients)))
         wall = time.perf_counter() - t0
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "clients": clients,
-        "requests": n,
-        "errors": errors,
-        "seconds": wall,
-        "requests_per_s": n / wall,
-        "p50_s": statistics.median(latencies),
-        "p95_s": latencies[min(n - 1, round(0.95 * (n - 1)))],
-        "outputs": outputs,
-    }
+    return {"clients": clients, "errors": errors, **rates(latencies, wall), "outputs": outputs}
 
 
 def main() -> None:

@@ -3,10 +3,11 @@ cache off (greedy tokens equal, logprobs to 1e-4), under its byte bound, on the 
 
 import pytest
 import torch
+from test_serve_batching import run_scheduler
 
 from daytune.engine import decode
 from daytune.engine.prefix_cache import PrefixCache
-from daytune.serve.scheduler import Scheduler, Sequence
+from daytune.serve.scheduler import Sequence
 
 SHOTS = "".join(
     f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n"
@@ -32,16 +33,8 @@ def make(ids, n=6, **kw):
 
 
 def serve(model, waves, cache=None, max_batch=4):
-    """Submit each wave of sequences after the previous one finished; return the scheduler."""
-    sched = Scheduler(model, max_batch=max_batch, max_queue=100, prefix_cache=cache)
-    try:
-        for wave in waves:
-            sched.submit(wave)
-            for s in wave:
-                s.future.result(timeout=120)
-    finally:
-        sched.close()
-    return sched
+    """Submit each wave of sequences after the previous one finished."""
+    return run_scheduler(model, None, max_batch, waves=waves, prefix_cache=cache)
 
 
 def assert_same(a: Sequence, b: Sequence) -> None:

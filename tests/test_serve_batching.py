@@ -87,12 +87,14 @@ def test_rows_joining_and_leaving_decode_exactly_as_alone(tm):
         assert out[i][1] == pytest.approx(ref[i][1], abs=1e-4)
 
 
-def run_scheduler(model, seqs, max_batch):
-    sched = Scheduler(model, max_batch=max_batch, max_queue=1000)
+def run_scheduler(model, seqs, max_batch, waves=None, prefix_cache=None):
+    """Serve `seqs` (or each of `waves` after the previous one finished) and return the closed scheduler."""
+    sched = Scheduler(model, max_batch=max_batch, max_queue=1000, prefix_cache=prefix_cache)
     try:
-        sched.submit(seqs)
-        for s in seqs:
-            s.future.result(timeout=120)
+        for wave in waves or [seqs]:
+            sched.submit(wave)
+            for s in wave:
+                s.future.result(timeout=120)
     finally:
         sched.close()
     return sched
