@@ -28,7 +28,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import greedy_request, prompt_tokens, rates, start_server  # noqa: E402
+from serve_throughput import (  # noqa: E402
+    greedy_request,
+    prompt_tokens,
+    rate_line,
+    rates,
+    start_server,
+    stop_servers,
+)
 
 TOLERANCE = 1e-4
 
@@ -132,15 +139,9 @@ def main() -> None:
             for mode, (_, url) in servers.items():
                 res = asyncio.run(send(url, subjects, args.clients))
                 results[mode].append(res)
-                print(
-                    f"  round {r + 1} {mode:9s} {res['requests']:4d} requests  {res['requests_per_s']:6.2f} req/s  "
-                    f"p50 {res['p50_s']:6.2f} s  p95 {res['p95_s']:6.2f} s  errors {res['errors']}",
-                    flush=True,
-                )
+                print(rate_line(f"round {r + 1} {mode:9s}", res), flush=True)
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(30)
+        stop_servers(servers)
     rps = {m: statistics.median(r["requests_per_s"] for r in results[m]) for m in modes}
     agreement = [
         compare(off["answers"], on["answers"]) for off, on in zip(results["cache_off"], results["cache_on"])

@@ -111,6 +111,19 @@ def rates(latencies: list[float], wall: float) -> dict:
     }
 
 
+def rate_line(label: str, r: dict) -> str:
+    return (
+        f"  {label} {r['requests']:4d} requests  {r['requests_per_s']:6.2f} req/s  "
+        f"p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}"
+    )
+
+
+def stop_servers(servers: dict) -> None:
+    for proc, _ in servers.values():
+        proc.terminate()
+        proc.wait(30)
+
+
 async def load(url: str, texts: list[str], clients: int, per_client: int, max_new_tokens: int) -> dict:
     import httpx
 
@@ -163,15 +176,9 @@ def main() -> None:
             for mode, (_, url) in servers.items():
                 r = asyncio.run(load(url, texts, c, per_client, args.max_new_tokens))
                 results[mode].append(r)
-                print(
-                    f"  {mode:14s} {c:3d} clients  {r['requests']:4d} requests  {r['requests_per_s']:6.2f} req/s  "
-                    f"p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}",
-                    flush=True,
-                )
+                print(rate_line(f"{mode:14s} {c:3d} clients ", r), flush=True)
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(30)
+        stop_servers(servers)
     rows, same = [], True
     for b, s in zip(results["batched"], results["one_at_a_time"]):
         common = set(b["outputs"]) & set(s["outputs"])
