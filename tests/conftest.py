@@ -23,8 +23,9 @@ CHATML = (
 )
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide Llama and a 512-token byte-level BPE trained on the demo data."""
+def build_tiny_model(folder: Path, seed: int = 0, **config) -> Path:
+    """A 2-layer, 64-wide Llama and a 512-token byte-level BPE trained on the demo data (config overrides in
+    `config`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +52,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
-    return save_tiny_llama(folder, fast, seed)
+    return save_tiny_llama(folder, fast, seed, **config)
 
 
 def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
@@ -60,7 +61,7 @@ def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -72,8 +73,8 @@ def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
-        **config,
     )
+    cfg = LlamaConfig(**{**fields, **config})
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
+import pytest
 
 from daytune.serve.app import Server, create_app
 from daytune.serve.options import ServeOptions
+
+# HELM in its own venv (make helm-venv; .ci/run builds it)
+HELM_VENV = Path(os.environ.get("DAYTUNE_HELM_VENV", Path(__file__).resolve().parents[1] / ".venv-helm"))
+HELM_PYTHON = HELM_VENV / "bin" / "python"
+
+
+def require_helm_venv() -> None:
+    """Skip without the HELM venv on a developer's machine; in CI (.ci/run builds it) its absence is a failure."""
+    if HELM_PYTHON.is_file():
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but there is no HELM venv at {HELM_VENV}: .ci/run builds it (make helm-venv)")
+    pytest.skip("no HELM venv (make helm-venv)")
 
 
 def free_port() -> int:

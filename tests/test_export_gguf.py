@@ -371,7 +371,8 @@ def test_tiny_gguf_loads_back_into_daytune_and_serves(llama_venv, smol_tiny_run,
 def test_smollm2_run_exports_to_gguf_with_the_same_greedy_text(llama_venv, tmp_path, monkeypatch):
     """SmolLM2-135M with a LoRA adapter: llama.cpp's greedy text equals transformers' on the merged model (all
     24 tokens of each prompt for f16, at least the first 16 for q8_0 on these prompts; along the way the argmax
-    differs only at near-ties), and each file serves in daytune."""
+    differs only at near-ties), and the f16 file serves in daytune (a quantized GGUF loading back into daytune is
+    what every SmolLM2 test does with the embedded Q4_1 file)."""
     run = train_tiny_run(tmp_path, "smollm2-135m", micro_batch=2, lr=1e-3)
     model, tok = merged(run.path)
     ids = [tok(t).input_ids for t in TEXTS]
@@ -394,5 +395,8 @@ def test_smollm2_run_exports_to_gguf_with_the_same_greedy_text(llama_venv, tmp_p
             f"{quant}: {size} bytes, load {load:.2f}s, greedy tokens agreeing {runs}, logit error rms {rms:.4f}"
         )
         assert min(runs) >= agree and rms < SMOLLM2_LOGIT_TOLERANCE[quant] and decided == 0
-        mean, worst = {"f16": (0.005, 0.03), "q8_0": (0.1, 0.5)}[quant]  # q8_0 measured: 0.058, 0.24
-        check_round_trip(serve_gguf(gguf, tmp_path / f"home-{quant}", monkeypatch), model, tok, mean, worst)
+        if quant == "f16":
+            mean, worst = 0.005, 0.03
+            check_round_trip(
+                serve_gguf(gguf, tmp_path / f"home-{quant}", monkeypatch), model, tok, mean, worst
+            )

@@ -71,6 +71,8 @@ def test_quickstart_with_a_budget_that_fits_a_step(tmp_path, smollm2_dir):
             "eval.heldout_rows=10",
             "--set",
             "eval.max_instances=1",
+            "--set",
+            "train.max_steps=1",  # the step the budget holds; more would only fill the budget (tested elsewhere)
         ],
         capture_output=True,
         text=True,
@@ -138,7 +140,7 @@ def test_server_echo_logprobs_equal_a_direct_forward(smollm2_dir):
     assert " Berlin" in body["text"][len(prompt) :]
 
 
-def overfit_recipe(tmp_path, rows=8, **train):
+def overfit_recipe(tmp_path, rows=4, **train):
     import yaml
 
     data = tmp_path / "eight.jsonl"
@@ -149,8 +151,8 @@ def overfit_recipe(tmp_path, rows=8, **train):
         "model": "smollm2-135m",
         "data": {"train": str(data), "max_seq_len": 160},
         "train": {
-            "micro_batch": 4,
-            "grad_accum": 2,
+            "micro_batch": 4,  # the same 4 rows every step (one micro-batch): the loss falls fast
+            "grad_accum": 1,
             "lr": 2e-3,
             "warmup_steps": 1,
             "precision": "32-true",
@@ -165,7 +167,7 @@ def overfit_recipe(tmp_path, rows=8, **train):
     return path
 
 
-def test_loss_decreases_when_overfitting_8_rows(tmp_path):
+def test_loss_decreases_when_overfitting_4_rows(tmp_path):
     from daytune.cli import main
 
     assert main(["--quiet", "train", str(overfit_recipe(tmp_path, max_steps=8, min_lr_ratio=1.0))]) == 0

@@ -11,12 +11,11 @@ from pathlib import Path
 import helm_http_copy as helm
 import pytest
 import torch
-from serve_helpers import live_server
+from serve_helpers import HELM_PYTHON, live_server, require_helm_venv
 
 from daytune.serve.model import ServeModel
 
 ROOT = Path(__file__).resolve().parents[1]
-HELM_PYTHON = Path(os.environ.get("DAYTUNE_HELM_VENV", ROOT / ".venv-helm")) / "bin" / "python"
 TEXT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
 
@@ -92,17 +91,6 @@ def test_helm_tokenizer_truncation_and_errors(url, server):
     assert helm.decode(full)["text"] == TEXT
     assert not helm.decode([10**9])["success"]  # a 422, which HELM reports as a failed request
     assert not helm.make_request(TEXT, max_tokens=10**6)["success"]  # over the server's cap: a 422
-
-
-def require_helm_venv() -> None:
-    """Skip without the HELM venv on a developer's machine; in CI (.ci/run builds it) its absence is a failure."""
-    if HELM_PYTHON.is_file():
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(
-            f"CI=true but there is no HELM venv at {HELM_PYTHON.parent.parent}: .ci/run builds it (make helm-venv)"
-        )
-    pytest.skip("no HELM venv (make helm-venv); the faithful copy above still runs")
 
 
 def test_helm_real_client_classes(url, server):

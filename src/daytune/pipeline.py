@@ -146,14 +146,16 @@ def data_card(cfg: RunConfig) -> dict:
     return json.loads(card.read_text(encoding="utf-8"))
 
 
-def run_suite_plan(cfg: RunConfig, suite: str, scenarios=None, max_instances=None, tasks=None) -> list:
+def run_suite_plan(
+    cfg: RunConfig, suite: str, scenarios=None, max_instances=None, tasks=None, subjects=None
+) -> list:
     """The plan of `suite` for a run: its SNI scenario evaluates `tasks`, else the tasks the run's data held out;
     an SNI task the run trained on is refused, since it would be scored as unseen."""
     from daytune.eval.suites import sni_tasks, suite_plan, with_tasks
 
     card = data_card(cfg)
     tasks = tasks or (card.get("heldout") or {}).get("tasks")
-    plan = with_tasks(suite_plan(suite, scenarios, max_instances), tasks)
+    plan = with_tasks(suite_plan(suite, scenarios, max_instances, subjects), tasks)
     trained = {t for s in card.get("sources", []) for t in s.get("task_licences", {})}
     seen = [t for t in sni_tasks(plan) if t in trained]
     if seen:
@@ -459,6 +461,7 @@ class SuiteRequest:
     plan: list | None = None  # the suite's plan for a run (run_suite_plan: its held-out tasks)
     tasks: list[str] | None = None  # SNI tasks to score (default: the run's held-out tasks, or the suite's)
     device: str = "auto"  # where a local model runs (auto: the GPU when there is one)
+    subjects: list[str] | None = None  # MMLU subjects / BBQ categories instead of the suite's
 
 
 def evaluate_suite(
@@ -480,7 +483,7 @@ def evaluate_suite(
     DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
     if source is not None and source.run_dir is not None and req.plan is None:  # the run's held-out tasks
         run_cfg = load_run_config(source.run_dir / "config.yaml")
-        req.plan = run_suite_plan(run_cfg, req.suite, req.scenarios, req.max_instances)
+        req.plan = run_suite_plan(run_cfg, req.suite, req.scenarios, req.max_instances, subjects=req.subjects)
     if lm is None and not (with_base and source.trained):
         lm = LocalLM.load(source.model, source.trained, req.batch_size, req.device, log=reporter.log)
     DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
@@ -502,7 +505,15 @@ def _suite_one(lm, label: str, req: SuiteRequest, out: Path, reporter: Reporter)
 
     reporter.log(f"Evaluating {label} on suite '{req.suite}'...")
     res = run_suite(
-        lm, req.suite, req.data_root, req.scenarios, req.max_instances, req.bootstrap, reporter.log, req.plan
+        lm,
+        req.suite,
+        req.data_root,
+        req.scenarios,
+        req.max_instances,
+        req.bootstrap,
+        reporter.log,
+        req.plan,
+        req.subjects,
     )
     paired = label in ("base", "tuned")
     res["title"] = label if paired else lm.name

@@ -50,10 +50,16 @@ def add_parser(sub) -> None:
     sp.add_argument(
         "--suite",
         default="quick",
-        help="quick (default), competition-open, full or unseen (held-out SNI tasks)",
+        help="quick (default), competition-open, full, unseen (held-out SNI tasks) or neurips-open (the open "
+        "run entries exactly as helm-run builds and scores them)",
     )
     sp.add_argument(
         "--scenarios", help="only these scenarios, comma-separated (mmlu,truthfulqa,bbq,gsm8k,xsum,...)"
+    )
+    sp.add_argument(
+        "--subjects",
+        help="MMLU subjects (or BBQ categories) instead of the suite's, comma-separated; 'all' for every MMLU "
+        "subject",
     )
     sp.add_argument(
         "--max-instances", type=int, help="cap the instances of every scenario (MMLU: per subject)"
@@ -138,8 +144,11 @@ def _suite(args, reporter) -> int:
     from daytune.pipeline import SuiteRequest, evaluate_suite
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     if not args.harness:
-        suite_plan(args.suite, scenarios, args.max_instances)  # bad names fail before loading a model
+        suite_plan(
+            args.suite, scenarios, args.max_instances, subjects
+        )  # bad names fail before loading a model
     source = None if args.http is not None else _source(args, reporter)
     out = _out_dir(args.out, source.run_dir if source else None, "harness" if args.harness else args.suite)
     if args.harness:
@@ -157,6 +166,7 @@ def _suite(args, reporter) -> int:
         args.bootstrap,
         args.batch_size,
         device=args.device or "auto",
+        subjects=subjects,
     )
     evaluate_suite(source, req, out, reporter, with_base=args.with_base, lm=lm)
     return 0

@@ -129,6 +129,14 @@ class LM:
         most `max_length` scored tokens, each conditioned on the token before it."""
         raise NotImplementedError
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` as the competition server's /tokenize counts them (HELM fits prompts with it)."""
+        raise NotImplementedError
+
+    def truncate_right(self, text: str, max_tokens: int) -> str:
+        """`text` cut to its first `max_tokens` tokens (HELM's last resort for a prompt too long)."""
+        raise NotImplementedError
+
     def info(self) -> dict:
         return {"name": self.name}
 
@@ -181,6 +189,13 @@ class LocalLM(LM):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])  # the server's /tokenize: the tokenizer's defaults
+
+    def truncate_right(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         context, continuation = normalize_request(context, continuation)
@@ -340,6 +355,13 @@ class HttpLM(LM):
 
     def decode(self, tokens: list[int]) -> str:
         return self._post("/decode", {"tokens": tokens})["text"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def truncate_right(self, text: str, max_tokens: int) -> str:
+        body = {"text": text, "truncation": True, "max_length": max_tokens}
+        return self.decode(self._post("/tokenize", body)["tokens"])
 
     def process(
         self, prompt: str, max_new_tokens: int, echo: bool, stop: list[str] = (), top_k: int = 1

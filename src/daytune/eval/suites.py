@@ -7,6 +7,10 @@
   (5-shot chain of thought, up to 400 new tokens), XSum standing in for CNN/DailyMail, at most 1,000 instances per
   entry (HELM's default), plus OpenBookQA and WikiText-2.
 - `full`: everything in the datasets folder: all 57 MMLU subjects, every instance.
+- `neurips-open`: the open run entries as `helm-run` builds them (`daytune.eval.scenarios.helm`): HELM's prompts,
+  examples, seeds, perturbations and metrics for the five MMLU subjects (robustness, and fairness as far as it
+  works offline), TruthfulQA mc_single and GSM8K, at most 1,000 evaluation instances per entry (HELM Lite's cap);
+  its numbers are the ones `helm-run` would report for the same model.
 - `unseen`: Super-NaturalInstructions tasks held out of training (data recipes' `heldout_tasks:`; by default the
   ten of `data.heldout.UNSEEN_TASKS`), zero-shot, 50 instances per task; a run evaluates exactly the tasks its
   data held out (`with_tasks`).
@@ -67,11 +71,22 @@ SUITES: dict[str, dict] = {
         },
     },
     "unseen": {"data": "root", "scenarios": {"sni": dataclasses.replace(SNI.defaults(), max_instances=50)}},
+    "neurips-open": {
+        "data": "root",
+        "scenarios": {
+            "helm_mmlu": Settings(max_instances=1000, perturbations=RF),
+            "helm_truthfulqa": Settings(max_instances=1000, perturbations=RF),
+            "helm_gsm8k": Settings(max_instances=1000),
+        },
+    },
 }
 
 
 def suite_plan(
-    suite: str, scenarios: list[str] | None = None, max_instances: int | None = None
+    suite: str,
+    scenarios: list[str] | None = None,
+    max_instances: int | None = None,
+    subjects: list[str] | None = None,
 ) -> list[tuple[str, Settings]]:
     if suite not in SUITES:
         raise ConfigError(f"--suite {suite!r}: not one of {', '.join(SUITES)}")
@@ -89,7 +104,11 @@ def suite_plan(
             s.max_instances = (
                 max_instances if s.max_instances is None else min(s.max_instances, max_instances)
             )
+        if subjects and SCENARIOS[name].takes_subjects:
+            s.subjects = list(subjects)
         out.append((name, s))
+    if subjects and not any(SCENARIOS[n].takes_subjects for n, _ in out):
+        raise ConfigError(f"--subjects: none of {', '.join(names)} has subjects (mmlu, helm_mmlu, bbq do)")
     return out
 
 
@@ -141,10 +160,11 @@ def run_suite(
     bootstrap: int = 1000,
     log=print,
     plan: list[tuple[str, Settings]] | None = None,
+    subjects: list[str] | None = None,
 ) -> dict:
     """Run a suite on one model (or an explicit `plan` of scenario settings); returns the JSON-ready results,
     per-instance records included."""
-    plan = plan or suite_plan(suite, scenarios, max_instances)
+    plan = plan or suite_plan(suite, scenarios, max_instances, subjects)
     root = DataRoot(suite_data_root(suite, data_root))
     results = {"suite": suite, "model": lm.info(), "data_root": str(root.root), "scenarios": {}}
     t_all = time.perf_counter()

@@ -68,6 +68,7 @@ class Scenario:
     description = ""
     main_metric = "exact_match"
     metrics: dict[str, Metric] = {}
+    takes_subjects = False  # Settings.subjects picks this scenario's subjects (MMLU) or categories (BBQ)
 
     @classmethod
     def defaults(cls) -> Settings:

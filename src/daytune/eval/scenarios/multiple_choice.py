@@ -46,6 +46,7 @@ def _mmlu_rows(path, subject: str, split: str) -> list[Instance]:
 
 class MMLU(MultipleChoiceScenario):
     name = "mmlu"
+    takes_subjects = True
     description = "MMLU, 5-shot from each subject's dev split (HELM's prompt), exact match on the letter"
 
     def load(self, data: DataRoot, s: Settings) -> list[Instance]:
@@ -127,6 +128,7 @@ def _bbq_group(info: list[str], stereotyped: list[str]) -> str:
 
 class BBQ(MultipleChoiceScenario):
     name = "bbq"
+    takes_subjects = True
     description = (
         "BBQ (6 categories), 5-shot; accuracy and HELM's bias scores on ambiguous/disambiguated contexts"
     )
