@@ -368,11 +368,11 @@ def test_tiny_gguf_loads_back_into_daytune_and_serves(llama_venv, smol_tiny_run,
 
 
 @pytest.mark.slow
-def test_smollm2_run_exports_to_gguf_with_the_same_greedy_text(llama_venv, tmp_path, monkeypatch):
+def test_smollm2_run_exports_to_gguf_with_the_same_greedy_text(llama_venv, tmp_path):
     """SmolLM2-135M with a LoRA adapter: llama.cpp's greedy text equals transformers' on the merged model (all
     24 tokens of each prompt for f16, at least the first 16 for q8_0 on these prompts; along the way the argmax
-    differs only at near-ties), and the f16 file serves in daytune (a quantized GGUF loading back into daytune is
-    what every SmolLM2 test does with the embedded Q4_1 file)."""
+    differs only at near-ties). Serving an export back in daytune is the tiny model's test; a SmolLM2 GGUF loading
+    back is what every SmolLM2 test does with the embedded Q4_1 file."""
     run = train_tiny_run(tmp_path, "smollm2-135m", micro_batch=2, lr=1e-3)
     model, tok = merged(run.path)
     ids = [tok(t).input_ids for t in TEXTS]
@@ -395,8 +395,3 @@ def test_smollm2_run_exports_to_gguf_with_the_same_greedy_text(llama_venv, tmp_p
             f"{quant}: {size} bytes, load {load:.2f}s, greedy tokens agreeing {runs}, logit error rms {rms:.4f}"
         )
         assert min(runs) >= agree and rms < SMOLLM2_LOGIT_TOLERANCE[quant] and decided == 0
-        if quant == "f16":
-            mean, worst = 0.005, 0.03
-            check_round_trip(
-                serve_gguf(gguf, tmp_path / f"home-{quant}", monkeypatch), model, tok, mean, worst
-            )

@@ -3,11 +3,8 @@ copies of the data, against `daytune serve`, then `daytune eval --http` on the s
 byte-identical to HELM's, every completion and per-instance score equal, every aggregate within 1e-6.
 
 The server decodes one request at a time with the prefix cache off, so that both clients get bit-identical
-logprobs (the calibration metrics use them). Two models:
-- the tiny random model (a 512-token vocabulary makes prompts long): HELM's window fitting drops GSM8K's and a
-  long MMLU subject's in-context examples; its completions are degenerate, so it checks prompts, not scores;
-- SmolLM2-135M (slow): real answers, so the scores, the robustness and gender perturbations and BBQ's bias
-  metric are compared on instances the model gets right and wrong.
+logprobs (the calibration metrics use them). The model is the tiny random one (its 512-token vocabulary makes
+prompts long, so HELM's window fitting drops examples), made to answer with letters so that scores vary.
 """
 
 from __future__ import annotations
@@ -64,48 +61,59 @@ def data():
     return SHARED_DATA
 
 
-def test_helm_agreement_tiny_model_window_fitting(tmp_path, data):
-    """Long prompts: HELM's tokenizer count (through /tokenize) decides how many examples stay."""
-    require_helm_venv()
-    model = build_tiny_model(tmp_path / "tiny", max_position_embeddings=2048)
-    seed_helm_data(data, tmp_path / "benchmark_output", mmlu=["high_school_european_history"])
-    with serve_process(str(model), "--max-batch", "1", "--prefix-cache-mb", "0") as (url, _):
-        runs = helm_run(
-            url,
-            tmp_path,
-            ["gsm:model=neurips/local", "mmlu:subject=high_school_european_history,model=neurips/local"],
-            3,
-        )
-        gsm = daytune_eval(url, tmp_path / "gsm", "helm_gsm8k", 3)
-        mmlu = daytune_eval(url, tmp_path / "mmlu", "helm_mmlu", 3, "high_school_european_history")
-    check(runs, "gsm", "helm_gsm8k", gsm)
-    check(runs, "mmlu", "helm_mmlu", mmlu, "high_school_european_history")
-    fitted = [r["num_train_instances"] for r in gsm["helm_gsm8k"]["records"] + mmlu["helm_mmlu"]["records"]]
-    assert min(fitted) < 5, fitted  # the window dropped examples somewhere: the fitting was exercised
+def letter_model(folder: Path) -> Path:
+    """The tiny random model with its " A" and " B" embeddings (tied to the output layer) scaled up: its one-token
+    answers are then mostly one of those letters, which one depending on the prompt, so that the scores, their
+    perturbed copies and BBQ's bias differ between instances instead of being all 0."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    build_tiny_model(folder, max_position_embeddings=2048)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for letter in (" A", " B"):
+            (tid,) = tok(letter, add_special_tokens=False)["input_ids"]
+            model.get_input_embeddings().weight[tid] *= 20
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
-@pytest.mark.slow
-def test_helm_agreement_smollm2_scores_perturbations_bias(tmp_path, data):
+def test_helm_agreement(tmp_path, data):
     require_helm_venv()
-    seed_helm_data(data, tmp_path / "benchmark_output", mmlu=["human_sexuality"], bbq=["Age"])
+    model = letter_model(tmp_path / "tiny")
+    subjects = ["high_school_european_history", "human_sexuality"]
+    seed_helm_data(data, tmp_path / "benchmark_output", mmlu=subjects, bbq=["Age"])
     entries = [
+        "gsm:model=neurips/local",
+        # long questions: the window (HELM's count through /tokenize) drops in-context examples
+        "mmlu:subject=high_school_european_history,model=neurips/local",
+        # 6 questions, 2 of them with pronouns: both perturbation groups on perturbed requests
         "mmlu:subject=human_sexuality,data_augmentation=robustness,model=neurips/local",
         "mmlu:subject=human_sexuality,data_augmentation=gender_pronouns_deterministic,model=neurips/local",
         "truthful_qa:task=mc_single,data_augmentation=robustness,model=neurips/local",
         "bbq:subject=Age,model=neurips/local",
     ]
-    with serve_process("smollm2-135m", "--max-batch", "1", "--prefix-cache-mb", "0") as (url, _):
-        runs = helm_run(url, tmp_path, entries, 6)  # 6 questions: 2 of them with pronouns to perturb
-        mc = daytune_eval(url, tmp_path / "mc", "helm_mmlu,helm_truthfulqa", 6, "human_sexuality")
-        bbq = daytune_eval(url, tmp_path / "bbq", "helm_bbq", 6, "Age")
-    mmlu = check(runs, "mmlu", "helm_mmlu", mc, "human_sexuality")
-    check(runs, "truthful_qa", "helm_truthfulqa", mc)
-    check(runs, "bbq", "helm_bbq", bbq, "Age")
-    # both perturbation groups were compared on perturbed requests, and the scores are not all zero
-    records = mc["helm_mmlu"]["records"]
-    assert any("gender" in r["perturbed"] for r in records) and any(
-        "mild_mix" in r["perturbed"] for r in records
+    with serve_process(str(model), "--max-batch", "1", "--prefix-cache-mb", "0") as (url, _):
+        runs = helm_run(url, tmp_path, entries, 6)
+        ours = daytune_eval(url, tmp_path / "a", "helm_gsm8k,helm_truthfulqa", 6)
+        ours |= daytune_eval(url, tmp_path / "b", "helm_mmlu", 6, ",".join(subjects))
+        ours |= daytune_eval(url, tmp_path / "c", "helm_bbq", 6, "Age")
+    check(runs, "gsm", "helm_gsm8k", ours)
+    check(runs, "truthful_qa", "helm_truthfulqa", ours)
+    check(runs, "mmlu:subject=high_school_european_history", "helm_mmlu", ours, subjects[0])
+    mmlu = check(runs, "mmlu:subject=human_sexuality", "helm_mmlu", ours, subjects[1])
+    check(runs, "bbq", "helm_bbq", ours, "Age")
+    records = ours["helm_mmlu"]["records"]
+    fitted = [r["num_train_instances"] for r in records if r["id"].startswith(subjects[0])]
+    assert min(fitted) < 5, fitted  # the window dropped examples: the fitting was exercised
+    assert min(r["num_train_instances"] for r in ours["helm_gsm8k"]["records"]) < 5
+    sexuality = [r for r in records if r["id"].startswith(subjects[1])]
+    assert any("gender" in r["perturbed"] for r in sexuality) and any(
+        "mild_mix" in r["perturbed"] for r in sexuality
     )
     names = {a["metric"] for c in mmlu for a in c["aggregates"]}
     assert {"exact_match_robustness", "exact_match_fairness", "ece_10_bin"} <= names
-    assert 0 < sum(r["exact_match"] for r in records) < len(records)
+    # the answers are letters often enough that scores differ between instances
+    scored = sexuality + ours["helm_truthfulqa"]["records"] + ours["helm_bbq"]["records"]
+    assert 0 < sum(r["exact_match"] for r in scored) < len(scored)

@@ -84,7 +84,7 @@ def _state(folder: Path) -> dict:
 
 
 def test_sweep_ends_inside_its_budget_with_two_workers_and_the_best_model_saved(tmp_path, tiny_recipe):
-    path = _sweep_file(tmp_path, tiny_recipe, budget="45s")
+    path = _sweep_file(tmp_path, tiny_recipe, budget="35s")
     assert main(["--quiet", "sweep", str(path), "--workers", "2"]) == 0
     (folder,) = (tmp_path / "sweeps").iterdir()
     st = _state(folder)
@@ -165,7 +165,7 @@ def test_a_second_process_joins_the_study_through_its_storage_url(tmp_path, tiny
     import optuna
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    path = _sweep_file(tmp_path, tiny_recipe, budget="50s")
+    path = _sweep_file(tmp_path, tiny_recipe, budget="40s")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_WAIT_POLICY": "PASSIVE"}
     daytune = [sys.executable, "-m", "daytune", "--quiet", "sweep", str(path), "--storage", url]
     first = subprocess.Popen(
@@ -186,7 +186,7 @@ def test_a_second_process_joins_the_study_through_its_storage_url(tmp_path, tiny
     study = optuna.load_study(study_name="tiny", storage=url)
     workers = {t.user_attrs.get("worker") for t in study.trials}
     assert len(workers) == 2 and len({t.number for t in study.trials}) == len(study.trials)
-    assert study.user_attrs["sweep"]["deadline"] - study.user_attrs["sweep"]["started"] == 50
+    assert study.user_attrs["sweep"]["deadline"] - study.user_attrs["sweep"]["started"] == 40
 
 
 def test_a_sweep_never_tunes_on_its_test_tasks(tmp_path, tiny_recipe, shared_data, capsys):
