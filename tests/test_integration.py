@@ -1,10 +1,8 @@
 """Integration tests on the real SmolLM2-135M-Instruct (the embedded GGUF, converted once and cached)."""
 
 import json
-import math
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -31,30 +29,10 @@ def test_conversion_is_cached_and_matches_the_gguf(smollm2_dir):
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
 
 
-def seconds_for_setup_and_a_step(model_dir) -> float:
-    """What a budget must hold on this machine, now: loading SmolLM2 with the quickstart's LoRA and one optimizer
-    step of it (2 micro-batches of 4 rows of 256 tokens, every position a label)."""
-    from daytune.config import load_run_config
-    from daytune.engine.loss import response_loss
-    from daytune.models import load_model
-    from daytune.train.methods import prepare_for_training
-
-    cfg = load_run_config(EXAMPLES / "quickstart.yaml")
-    t0 = time.monotonic()
-    model = prepare_for_training(load_model(model_dir), cfg.train, model_dir).train()
-    ids = torch.randint(0, 1000, (4, 256), generator=torch.Generator().manual_seed(0))
-    for _ in range(cfg.train.grad_accum):
-        loss, n = response_loss(
-            model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        )
-        (loss / n).backward()
-    return time.monotonic() - t0
-
-
-def test_quickstart_with_a_budget_that_fits_a_step(tmp_path, smollm2_dir):
-    # The budget is derived from a step measured here and now (four times setup and step, so a machine that gets
-    # busier meanwhile still fits one), never a constant that a busy machine's setup alone can use up.
-    budget = max(30, math.ceil(4 * seconds_for_setup_and_a_step(smollm2_dir)))
+def test_quickstart_end_to_end_in_one_step(tmp_path, smollm2_dir):
+    # The shipped recipe as a user runs it (data, train, eval of base and tuned, the run listed), cut to one
+    # optimizer step under a budget no machine's setup and step use up (budget-bound stopping is tested on the
+    # tiny model, its decisions on a fake clock).
     out = subprocess.run(
         [
             sys.executable,
@@ -64,7 +42,7 @@ def test_quickstart_with_a_budget_that_fits_a_step(tmp_path, smollm2_dir):
             "run",
             str(EXAMPLES / "quickstart.yaml"),
             "--budget",
-            f"{budget}s",
+            "10m",
             "--set",
             f"out_dir={tmp_path / 'runs'}",
             "--set",
@@ -72,7 +50,7 @@ def test_quickstart_with_a_budget_that_fits_a_step(tmp_path, smollm2_dir):
             "--set",
             "eval.max_instances=1",
             "--set",
-            "train.max_steps=1",  # the step the budget holds; more would only fill the budget (tested elsewhere)
+            "train.max_steps=1",
         ],
         capture_output=True,
         text=True,
@@ -82,11 +60,8 @@ def test_quickstart_with_a_budget_that_fits_a_step(tmp_path, smollm2_dir):
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     train = summary["train"]
-    # What holds at any machine speed: the budget is kept and a model is saved; a budget that holds the setup and
-    # a step trains at least one.
-    assert train["stopped_by"] in ("budget", "max_steps")
-    assert train["steps"] >= 1
-    assert train["elapsed_seconds"] <= budget
+    assert train["stopped_by"] == "max_steps" and train["steps"] == 1
+    assert train["elapsed_seconds"] <= 600
     for side in ("base", "tuned"):
         assert summary["eval"][side]["heldout"]["rows"] == 10
         suite = summary["eval"][side]["suite"]["scenarios"]

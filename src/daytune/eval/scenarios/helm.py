@@ -1,14 +1,14 @@
 """Scenarios that build the prompts `helm-run` builds and score them as HELM scores them (crfm-helm 0.5.16).
 
-`helm_mmlu`, `helm_truthfulqa` and `helm_gsm8k` are HELM's `mmlu:subject=S`, `truthful_qa:task=mc_single` and `gsm`
-run entries for the `neurips/local` model: HELM's instances read from the same files (the datasets folder's
-copies, converted where their layout differs, see `docs/eval.md`), numbered as HELM numbers them, sampled with its
-seeds, perturbed with its perturbations (`daytune.eval.helm.perturbations`), laid out by its adapters and scored
-with its metrics. Records carry HELM's instance ids, so a results file reads side by side with HELM's
+`helm_mmlu`, `helm_truthfulqa`, `helm_gsm8k` and `helm_bbq` are HELM's `mmlu:subject=S`,
+`truthful_qa:task=mc_single`, `gsm` and `bbq:subject=C` run entries for the `neurips/local` model: HELM's
+instances read from the same files (the datasets folder's copies, converted where their layout differs, see
+`docs/eval.md`), numbered as HELM numbers them, sampled with its seeds, perturbed with its perturbations
+(`daytune.eval.helm.perturbations`), laid out by its adapters and scored with its metrics. Records carry HELM's instance ids, so a results file reads side by side with HELM's
 `scenario_state.json`, `per_instance_stats.json` and `stats.json`.
 
 The scorer and generator underneath are daytune's (batched, prefix-sharing): only prompts and metrics are HELM's.
-Temperature is 0 in all three, so a local run and a server run give the same text.
+Temperature is 0 in all four, so a local run and a server run give the same text.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class HelmScenario(Scenario):
     """One HELM run entry per group (an MMLU subject; one group for the others)."""
 
     metric_names: list[str] = JOINT_METRICS
-    run_entry = ""
 
     def spec(self, s: Settings, group: str | None = None) -> A.AdapterSpec:
         raise NotImplementedError
@@ -77,9 +76,7 @@ class HelmScenario(Scenario):
             self._examples[group] = A.sample_examples(train, spec, seed=0)
             evals = augment([i for i in insts if i.split in A.EVAL_SPLITS], s.perturbations)
             key = f"{group}/" if group else ""
-            out += [
-                Instance(f"{key}{i.id}", i.input, meta={"helm": i, "group": group, "key": key}) for i in evals
-            ]
+            out += [Instance(f"{key}{i.id}", i.input, meta={"helm": i, "group": group}) for i in evals]
         return out
 
     def extra(self, inst: A.HelmInstance) -> dict:
@@ -161,7 +158,6 @@ class HelmMMLU(HelmScenario):
     name = "helm_mmlu"
     takes_subjects = True
     description = "MMLU exactly as helm-run's mmlu:subject=S (5-shot multiple_choice_joint, HELM's examples)"
-    run_entry = "mmlu:subject={subject},method=multiple_choice_joint"
     metrics = _metric_table(JOINT_METRICS, calibration=True)
 
     def spec(self, s: Settings, group: str | None = None) -> A.AdapterSpec:
@@ -200,7 +196,6 @@ class HelmMMLU(HelmScenario):
 class HelmTruthfulQA(HelmScenario):
     name = "helm_truthfulqa"
     description = "TruthfulQA exactly as helm-run's truthful_qa:task=mc_single (5-shot, HELM's option order)"
-    run_entry = "truthful_qa:task=mc_single,method=multiple_choice_joint"
     metrics = _metric_table(JOINT_METRICS, calibration=True)
     TRAIN_RATIO = 0.2
 
@@ -237,7 +232,6 @@ class HelmTruthfulQA(HelmScenario):
 class HelmGSM8K(HelmScenario):
     name = "helm_gsm8k"
     description = "GSM8K exactly as helm-run's gsm (5-shot Q/A, 400 tokens, final-number exact match)"
-    run_entry = "gsm"
     main_metric = "final_number_exact_match"
     metric_names = ["exact_match_indicator", "final_number_exact_match"]
     metrics = _metric_table(metric_names, calibration=False)
@@ -338,7 +332,6 @@ class HelmBBQ(HelmScenario):
     description = (
         "BBQ exactly as helm-run's bbq:subject=C (5-shot multiple_choice_joint, HELM's split and bias metric)"
     )
-    run_entry = "bbq:subject={subject},method=multiple_choice_joint"
     takes_subjects = True
     metrics = {
         **_metric_table(JOINT_METRICS, calibration=True),
