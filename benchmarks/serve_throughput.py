@@ -160,13 +160,17 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16, help="the batching server's --max-batch")
     ap.add_argument("--shots", type=int, default=0, help="worked GSM8K examples before each question")
     ap.add_argument("--threads", type=int, help="the servers' --threads (default: PyTorch's choice)")
+    ap.add_argument(
+        "--prefix-cache-mb", type=int, help="both servers' --prefix-cache-mb (default: the server's, 512; 0 = off)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("DAYTUNE_QUIET", "1")
     texts = prompts(64, args.shots)
     modes = {"batched": args.max_batch, "one_at_a_time": 1}
     # Both servers stay up and the settings alternate between them, so a change in the machine's load hits both.
-    servers = {mode: start_server(mb, args.threads) for mode, mb in modes.items()}
+    extra = () if args.prefix_cache_mb is None else ("--prefix-cache-mb", str(args.prefix_cache_mb))
+    servers = {mode: start_server(mb, args.threads, extra) for mode, mb in modes.items()}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
         for _, url in servers.values():
@@ -215,6 +219,7 @@ def main() -> None:
         "batched_max_batch": args.max_batch,
         "shots": args.shots,
         "threads": args.threads,
+        "prefix_cache_mb": args.prefix_cache_mb,  # None: the server's default (512)
         "prompt_tokens_mean": prompt_tokens(texts),
         "rows": rows,
         "all_greedy_outputs_equal": same,
