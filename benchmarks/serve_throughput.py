@@ -161,7 +161,9 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=0, help="worked GSM8K examples before each question")
     ap.add_argument("--threads", type=int, help="the servers' --threads (default: PyTorch's choice)")
     ap.add_argument(
-        "--prefix-cache-mb", type=int, help="both servers' --prefix-cache-mb (default: the server's, 512; 0 = off)"
+        "--prefix-cache-mb",
+        type=int,
+        help="both servers' --prefix-cache-mb (default: the server's, 512; 0 = off)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_throughput.json")
     args = ap.parse_args()
