@@ -35,6 +35,7 @@ from serve_throughput import (  # noqa: E402
     rates,
     start_server,
     stop_servers,
+    timed_post,
 )
 
 TOLERANCE = 1e-4
@@ -65,13 +66,11 @@ async def send(url: str, subjects: list[list[str]], clients: int) -> dict:
         nonlocal errors
         for i in range(c, len(texts), clients):
             body = greedy_request(texts[i], 1, top_k_per_token=5, stop=["\n"])
-            t0 = time.perf_counter()
-            resp = await http.post(f"{url}/process", json=body)
-            latencies.append(time.perf_counter() - t0)
-            if resp.status_code != 200:
+            out = await timed_post(http, url, body, latencies)
+            if out is None:
                 errors += 1
                 continue
-            answers[(s, i)] = resp.json()["completions"][0]
+            answers[(s, i)] = out["completions"][0]
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
         t0 = time.perf_counter()

@@ -124,6 +124,14 @@ def stop_servers(servers: dict) -> None:
         proc.wait(30)
 
 
+async def timed_post(http, url: str, body: dict, latencies: list[float]) -> dict | None:
+    """POST /process, its latency appended to `latencies`; the response's JSON, or None for an HTTP error."""
+    t0 = time.perf_counter()
+    resp = await http.post(f"{url}/process", json=body)
+    latencies.append(time.perf_counter() - t0)
+    return resp.json() if resp.status_code == 200 else None
+
+
 async def load(url: str, texts: list[str], clients: int, per_client: int, max_new_tokens: int) -> dict:
     import httpx
 
@@ -135,14 +143,11 @@ async def load(url: str, texts: list[str], clients: int, per_client: int, max_ne
         nonlocal errors
         for r in range(per_client):
             i = (c * per_client + r) % len(texts)
-            body = greedy_request(texts[i], max_new_tokens)
-            t0 = time.perf_counter()
-            resp = await http.post(f"{url}/process", json=body)
-            latencies.append(time.perf_counter() - t0)
-            if resp.status_code != 200:
+            out = await timed_post(http, url, greedy_request(texts[i], max_new_tokens), latencies)
+            if out is None:
                 errors += 1
                 continue
-            outputs[i] = resp.json()["text"]
+            outputs[i] = out["text"]
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
         t0 = time.perf_counter()
