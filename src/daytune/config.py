@@ -118,6 +118,9 @@ class TrainConfig:
     precision: str = "auto"
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (bitsandbytes)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # torch.compile each decoder block: true | false | auto (CUDA and a budget of 1h+); compiling takes minutes
+    # of the budget and pays back only in long runs (train/compile.py)
+    compile: bool | str = False
     grad_clip: float | None = 1.0
     seed: int = 42
     checkpoint_every: int | str = 50  # optimizer steps (50) or time ("10m") between checkpoints
@@ -190,6 +193,8 @@ class RunConfig:
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.optimizer", self.train.optimizer, OPTIMIZERS)
         _choice("train.quant.quant_type", self.train.quant.quant_type, ("nf4", "fp4"))
+        if self.train.compile not in (True, False, "auto"):
+            raise ConfigError(f"train.compile: {self.train.compile!r} is not one of true, false, auto")
         parse_interval(self.train.checkpoint_every, "train.checkpoint_every")
         if self.train.eval_every is not None:
             parse_interval(self.train.eval_every, "train.eval_every")

@@ -65,10 +65,15 @@ from daytune.train.checkpoint import (
     save_checkpoint,
     sharded_optimizer_dir,
 )
+from daytune.train.compile import compile_blocks, eager, graphs_compiled, wants_compile
 from daytune.train.memory import return_freed_memory
 from daytune.train.probe import ProbeResult, resolve_micro_batch
 from daytune.train.state import TrainResult, TrainState
 from daytune.units import format_duration, parse_duration, parse_interval
+
+COMPILE_WARMUP_STEPS = (
+    3  # train.compile: at most this many steps that compiled are left out of the step times
+)
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Session:
     deepspeed: bool  # its engine steps, clips and keeps the optimizer state (saved through accelerate)
     varlen: bool  # packed rows attend by segments (CUDA, 16-bit) instead of through a mask
     probed: ProbeResult | None  # micro_batch auto: what was decided
+    compiled: int  # decoder blocks compiled (train.compile), 0: eager
     plan: BatchPlan
     targets: list[int]  # loss positions per example
     per_step: int  # micro-batches per optimizer step, all processes
@@ -111,6 +117,7 @@ class Session:
     on_validation: Any = (
         None  # (step, val_loss) -> True to stop now ("pruned"): a sweep's pruner, main process
     )
+    compile_steps: int = 0  # steps that compiled graphs, kept out of the budget's step times
 
     @property
     def device(self):
@@ -159,6 +166,7 @@ def setup(
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     probed = resolve_micro_batch(cfg, model, examples, tokenizer, accelerator, resume, reporter.log, varlen)
+    compiled = compile_blocks(model) if wants_compile(tc.compile, device, budget.seconds) else 0
     optimizer = methods.make_optimizer(params, tc, device)
     # accelerate's accumulation: the last micro-batch of a step syncs gradients (DDP, FSDP) or is the boundary
     # where the DeepSpeed engine clips and steps; each micro-batch's loss is scaled back (see forward_backward)
@@ -207,6 +215,7 @@ def setup(
         deepspeed=ds,
         varlen=varlen,
         probed=probed,
+        compiled=compiled,
         plan=plan,
         targets=[sum(1 for x in e.labels[1:] if x != -100) for e in examples],
         per_step=per_step,
@@ -253,6 +262,7 @@ def _fit(s: Session) -> TrainResult:
                 stopped_by = "signal" if signalled else "budget"
                 break
             t_step = budget.clock()
+            graphs_before = graphs_compiled()
             first = st.step * s.per_step
             # every process's micro-batches, in order; this process takes every world-th one
             micro = [s.plan.get(first + j) for j in range(s.per_step)]
@@ -280,7 +290,11 @@ def _fit(s: Session) -> TrainResult:
             st.step += 1
             sync(s.device)  # CUDA is asynchronous: the step has ended when its kernels have
             dt = budget.clock() - t_step
-            budget.record_step(dt)
+            compiling = bool(s.compiled) and graphs_compiled() > graphs_before
+            if compiling and s.compile_steps < COMPILE_WARMUP_STEPS:
+                s.compile_steps += 1  # its time is compilation: as a step time it would stop the run early
+            else:
+                budget.record_step(dt)
             n_tokens = sum(plan_tokens(s.plan, s.examples, mb) for mb in micro)
             padded = sum(plan_positions(s.plan, s.examples, mb) for mb in micro)
             st.tokens += n_tokens
@@ -303,6 +317,8 @@ def _fit(s: Session) -> TrainResult:
                 "total_steps": st.total_steps,
                 "budget_left": None if budget.seconds is None else round(budget.remaining(), 3),
             }
+            if compiling:
+                record["compiling"] = True
             now = time.monotonic()
             (do_eval,) = agree(s, eval_due.due(st.step, now) and budget.can_afford(eval_seconds))
             if do_eval:  # every process evaluates (sharded models need them all); all see the same loss
@@ -358,7 +374,8 @@ def start(s: Session) -> None:
         f"Training {cfg.model} ({tc.method}, {s.n_trainable:,} of {s.n_total:,} parameters) on "
         f"{len(s.examples)} examples ({s.stats.truncated} truncated to {cfg.data.max_seq_len} tokens"
         f"{', packed' if cfg.data.packing else ''}): {s.state.max_steps} steps, {s.precision} on {s.device} "
-        f"x{s.world}, budget {tc.budget or 'none'}."
+        f"x{s.world}, budget {tc.budget or 'none'}"
+        + (f", {s.compiled} blocks compiled (the first steps compile)." if s.compiled else ".")
     )
     probe = s.run.path / ".save-probe"  # a whole save, by every process (sharded weights are gathered)
     checkpoint(s, probe)
@@ -383,7 +400,12 @@ def first_step_estimate(s: Session) -> float:
     t_probe = s.budget.clock()
     s.model.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), s.accelerator.autocast():
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.no_grad(),
+            s.accelerator.autocast(),
+            eager(bool(s.compiled)),
+        ):  # eager: compiling an inference graph here would cost more than the pass it times
             response_loss(s.model, batch)
     finally:
         s.model.train()
@@ -479,7 +501,8 @@ def evaluate(s: Session) -> float:
     """Validation loss (every process takes part); a new best resets the patience and, with early stopping, is
     kept as the model to end with."""
     st, tc = s.state, s.cfg.train
-    with s.accelerator.autocast():  # the precision training computes in
+    # the precision training computes in; eager: no inference graphs to compile for a short pass
+    with s.accelerator.autocast(), eager(bool(s.compiled)):
         val_loss = heldout_loss(s.model, s.val_examples, s.tokenizer.pad_token_id, tc.micro_batch, s.device)
     if st.best_val is None or val_loss < st.best_val - 1e-6:
         st.best_val, st.best_step, st.bad_evals = val_loss, st.step, 0
