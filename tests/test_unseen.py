@@ -93,6 +93,7 @@ def test_sni_scenario_scores_by_hand(tmp_path):
     m = {k: spec.fn(records) for k, spec in SNI.metrics.items()}
     assert m["exact_match"] == pytest.approx((1 / 2 + 0) / 2)  # macro over the two tasks
     assert m["rank_accuracy"] == pytest.approx(1 / 2)  # only the classification task has labels
+    assert m["exact_match_labels"] == pytest.approx(1 / 2)  # exact match of the labelled task alone
     assert m["valid_label"] == 1.0 and m["rouge_l"] == pytest.approx(1 / 4)  # 'yes' vs 'yes': 1; vs 'no': 0
     assert m["truncated"] == pytest.approx(1 / 5)  # one prompt of five was cut
     # Tk-Instruct's zero-shot encoding: no positive example, the definition ends with a full stop

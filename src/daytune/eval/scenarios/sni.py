@@ -9,8 +9,8 @@ paper's scorer (Tk-Instruct's compute_metrics.py) computes them, each the best o
 - ROUGE-L F1 from `rouge-score` with the Porter stemmer;
 - for tasks whose outputs come from a small fixed set (at most MAX_LABELS distinct normalized outputs over all of
   the task's instances): rank accuracy, the label with the highest log-likelihood as the continuation of the prompt
-  is a reference, which measures the model's preference among the labels whatever it generates; and valid label,
-  the generated answer is one of the labels.
+  is a reference, which measures the model's preference among the labels whatever it generates; valid label, the
+  generated answer is one of the labels; and exact_match_labels, exact match on these tasks only.
 
 Metrics are macro-averaged over tasks (every task weighs the same), the paper's convention. Instances are a seeded
 shuffle of each task's instances (files are often sorted by label), the first `max_instances` of them. A prompt the
@@ -103,6 +103,8 @@ class SNI(Scenario):
         "rouge_l": Metric(M.macro_mean_of("rouge_l")),
         "rank_accuracy": Metric(M.macro_mean_of("rank_correct")),
         "valid_label": Metric(M.macro_mean_of("valid_label")),
+        # exact match on the tasks with a label set only: the answers `valid_label` and `rank_accuracy` judge
+        "exact_match_labels": Metric(M.macro_mean_of("label_exact_match")),
         "truncated": Metric(truncated_share, False),
     }
 
@@ -148,6 +150,7 @@ class SNI(Scenario):
                 gold = {M.sni_normalize(r) for r in refs}
                 rec["rank_correct"] = float(M.sni_normalize(task.labels[best]) in gold)
                 rec["valid_label"] = float(M.sni_normalize(pred) in {M.sni_normalize(x) for x in task.labels})
+                rec["label_exact_match"] = rec["exact_match"]
                 rec["label_logprobs"] = [round(x.logprob, 5) for x in scores]
                 rec["truncated_tokens"] = max(g.truncated, *(x.truncated for x in scores))
             records.append(rec)
