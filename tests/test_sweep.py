@@ -254,3 +254,19 @@ def test_the_starting_recipe_is_the_first_trial_when_it_lies_in_the_space(tmp_pa
         _sweep_file(tmp_path, tiny_recipe, space=space, set=["train.lora.targets=attention"])
     )
     assert starting_point(spec, cfg, dims) == ({}, "train.lr (0.001)")
+
+
+def test_a_pruner_that_never_saw_a_validation_says_so():
+    from types import SimpleNamespace
+
+    from daytune.sweep.summary import _pruning
+
+    sw = SimpleNamespace(
+        spec=SimpleNamespace(pruner=SimpleNamespace(kind="hyperband", eval_every=5, min_resource=5))
+    )
+    short = [{"train": {"steps": n}, "val_loss": {}} for n in (4, 5)]
+    out = _pruning(short, sw)
+    assert out["trials_with_validation"] == 0 and out["trial_steps"] == [4, 5]
+    assert "nothing could be pruned" in out["note"] and "eval_every 5" in out["note"]
+    seen = short + [{"train": {"steps": 10}, "val_loss": {5: 1.2, 10: 1.1}}]
+    assert _pruning(seen, sw)["note"] is None and _pruning(seen, sw)["trials_with_validation"] == 1

@@ -117,6 +117,7 @@ def state(sw: Sweep, study, final: bool = False) -> dict[str, Any]:
         "starting_recipe": next((t for t in trials if t["starting_recipe"]), None),
         "rank_correlation": _correlation(done, direction, sw),
         "importances": _importances(study),
+        "pruning": _pruning(done, sw),
     }
     if final:
         import time
@@ -131,6 +132,29 @@ def state(sw: Sweep, study, final: bool = False) -> dict[str, Any]:
             "recipe": str(path),
             "command": f"daytune run {path}  (or: daytune sweep {sw.folder} --retrain)",
         }
+    return out
+
+
+def _pruning(done: list[dict], sw: Sweep) -> dict[str, Any]:
+    """Could the pruner act at all? It sees a trial only at its validation losses: trials too short to reach
+    the first one cannot be stopped early, and the user should know the pruner did nothing for that reason."""
+    steps = [(t.get("train") or {}).get("steps") for t in done]
+    steps = [n for n in steps if n is not None]
+    seen = sum(1 for t in done if t["val_loss"])
+    out: dict[str, Any] = {
+        "kind": sw.spec.pruner.kind,
+        "eval_every": sw.spec.pruner.eval_every,
+        "min_resource": sw.spec.pruner.min_resource,
+        "trials_with_validation": seen,
+        "trial_steps": [min(steps), max(steps)] if steps else None,
+        "note": None,
+    }
+    if done and not seen and sw.spec.pruner.kind != "none":
+        out["note"] = (
+            f"no finished trial reached its first validation loss (pruner.eval_every {sw.spec.pruner.eval_every}; "
+            f"trials made {min(steps, default=0)}-{max(steps, default=0)} steps): nothing could be pruned. Lower "
+            "pruner.eval_every (and min_resource) or raise trial_budget"
+        )
     return out
 
 
@@ -189,6 +213,8 @@ def text(st: dict) -> str:
         f"validation vs test: Spearman {_fmt(rc['spearman'])} over {rc['n']} trials"
         + (f" ({rc['note']})" if rc.get("note") else "")
     )
+    if (st.get("pruning") or {}).get("note"):
+        lines.append(f"pruning: {st['pruning']['note']}")
     imp = st["importances"]
     lines.append(
         "importances: "
