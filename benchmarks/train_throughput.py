@@ -22,6 +22,8 @@ AVX512-BF16):
   daytune-lora-defaults daytune, precision auto (the resolved precision is recorded)
   daytune-lora-compile  daytune fp32 with train.compile: true; the steps that compiled are left out of the timed
                         steps and reported as compile_seconds
+  trl-sft-compile       TRL SFTTrainer fp32 with TrainingArguments' torch_compile=True (the whole model), its
+                        warm-up steps absorbing the compilation: the compiled peer of daytune-lora-compile
 
 Each runner is its own process (its peak RSS is its own). Useful tokens = non-padding tokens. MFU = model FLOPs per
 useful token x tokens/s / the fp32 (bf16 on GPU) matmul peak measured at the start of this run. Model FLOPs per
@@ -49,7 +51,7 @@ SEQ, ROWS, SEQS_PER_STEP = 512, 400, 8
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}
 RUNNERS = ["trl-sft", "trl-sft-packed", "daytune-lora", "trainer-full", "daytune-full"]
 DEFAULT_RUNNERS = ["trl-sft-defaults", "daytune-lora-defaults"]
-ALL_RUNNERS = RUNNERS + DEFAULT_RUNNERS + ["daytune-lora-compile"]
+ALL_RUNNERS = RUNNERS + DEFAULT_RUNNERS + ["daytune-lora-compile", "trl-sft-compile"]
 
 
 def model_path(device: str) -> Path:
@@ -249,7 +251,15 @@ def profile_daytune(device: str, steps: int, warmup: int) -> dict:
     }
 
 
-def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int, defaults: bool = False) -> dict:
+def run_trl(
+    full: bool,
+    packing: bool,
+    device: str,
+    steps: int,
+    warmup: int,
+    defaults: bool = False,
+    compile_: bool = False,
+) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -279,21 +289,26 @@ def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int, def
             task_type="CAUSAL_LM",
         )
     )
-    timings, tokens = [], []
+    from daytune.train.compile import graphs_compiled
+
+    timings, tokens, compiling = [], [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
+            self.t0, self.graphs = time.perf_counter(), graphs_compiled()
 
         def on_step_end(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
             timings.append(time.perf_counter() - self.t0)
+            compiling.append(graphs_compiled() > self.graphs)  # torch_compile: a step that compiled
 
     # equal settings: precision and checkpointing set as daytune's row; defaults: SFTConfig's own
     chosen = {} if defaults else {"bf16": device != "cpu", "gradient_checkpointing": False}
+    if compile_:
+        chosen["torch_compile"] = True
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
             output_dir=tmp,
@@ -330,14 +345,25 @@ def run_trl(full: bool, packing: bool, device: str, steps: int, warmup: int, def
 
         trainer.data_collator = counting
         trainer.train()
-        settings = {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing}
+        settings = {
+            "bf16": args.bf16,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "torch_compile": args.torch_compile,
+        }
     per_step = [sum(tokens[i * 2 : i * 2 + 2]) for i in range(len(timings))]
-    return {
-        "tokens": sum(per_step[warmup:]),
-        "seconds": sum(timings[warmup:]),
-        "steps": len(timings) - warmup,
+    # the timed steps: after the warm-up, and (torch_compile) none that compiled, as for daytune's compiled row
+    timed = [i for i in range(warmup, len(timings)) if not compiling[i]]
+    out = {
+        "tokens": sum(per_step[i] for i in timed),
+        "seconds": sum(timings[i] for i in timed),
+        "steps": len(timed),
         "settings": settings,
     }
+    if compile_:
+        steady = out["seconds"] / max(1, out["steps"])
+        out["compile_seconds"] = round(sum(t - steady for t, c in zip(timings, compiling) if c), 1)
+        out["compiling_steps"] = sum(compiling)
+    return out
 
 
 def child(runner: str, device: str, steps: int, warmup: int) -> None:
@@ -355,7 +381,13 @@ def child(runner: str, device: str, steps: int, warmup: int) -> None:
         )
     else:
         result = run_trl(
-            runner == "trainer-full", runner == "trl-sft-packed", device, steps, warmup, defaults
+            runner == "trainer-full",
+            runner == "trl-sft-packed",
+            device,
+            steps,
+            warmup,
+            defaults,
+            runner.endswith("compile"),
         )
     import torch
 
@@ -463,6 +495,7 @@ def main() -> None:
         "lora_rss_ratio": ratio("daytune-lora", "trl-sft", mem),  # GPU memory on CUDA
         "lora_speedup_defaults": ratio("daytune-lora-defaults", "trl-sft-defaults"),
         "lora_compile_speedup": ratio("daytune-lora-compile", "daytune-lora"),
+        "lora_compiled_vs_trl_compiled": ratio("daytune-lora-compile", "trl-sft-compile"),
         "full_speedup": ratio("daytune-full", "trainer-full"),
         "full_rss_ratio": ratio("daytune-full", "trainer-full", mem),
         "targets": {
