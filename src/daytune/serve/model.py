@@ -28,10 +28,11 @@ import threading
 from pathlib import Path
 
 from daytune.engine.decode import Sampling
+from daytune.engine.prefix_cache import PrefixCache
 from daytune.engine.text import StopWatcher, TextStream, cut_pieces, token_texts
 from daytune.errors import DaytuneError, ModelError
 from daytune.models import ModelSource, load_for_inference
-from daytune.serve.scheduler import Sequence, seeded
+from daytune.serve.scheduler import Scheduler, Sequence, limits, seeded
 from daytune.serve.schemas import MAX_PROMPT_CHARS, Completion, ProcessRequest, Token
 
 # prompt tokens decoded before the first generated one (SentencePiece drops a leading space)
@@ -90,6 +91,10 @@ def _max_prompt_chars(tokenizer, max_context: int) -> int:
 
 
 class ServeModel:
+    """daytune's own engine: the model loaded here (any adapter merged), decoded by the batching `Scheduler`."""
+
+    engine = "daytune"
+
     def __init__(
         self,
         model_ref: str,
@@ -100,26 +105,38 @@ class ServeModel:
     ):
         from daytune.hardware import pick_device
 
-        self.model_ref = model_ref
-        self.adapter = str(adapter) if adapter else None
-        self.run_id = run_id
         self.device = pick_device(device or "auto", "--device")
         # an adapter is merged into the weights where its method allows: no adapter cost per token
-        source = ModelSource(model_ref, Path(self.adapter) if self.adapter else None)
-        loaded = load_for_inference(source, self.device, merge=True, log=log)
-        self.model, tokenizer, self.eos_ids = loaded
+        source = ModelSource(model_ref, Path(adapter) if adapter else None)
+        self.model, tokenizer, eos = load_for_inference(source, self.device, merge=True, log=log)
         # still a PeftModel: the method adds virtual tokens or attention paths
         if hasattr(self.model, "peft_config"):
             raise ModelError(
-                f"{self.adapter}: this adapter's method (prefix, prompt, ptuning or adapter) cannot be merged into "
+                f"{adapter}: this adapter's method (prefix, prompt, ptuning or adapter) cannot be merged into "
                 "the weights, and the batched server decodes plain models only; serve a lora, dora, qlora, ia3, "
                 "full or freeze run"
             )
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self._describe(model_ref, adapter, run_id, tokenizer, eos, max_context)
+
+    def _describe(
+        self, model_ref, adapter, run_id, tokenizer, eos_ids: frozenset[int], max_context: int
+    ) -> None:
+        """What every engine sets up the same way: names, the tokenizer and the limits requests are checked by."""
+        self.model_ref = model_ref
+        self.adapter = str(adapter) if adapter else None
+        self.run_id = run_id
+        self.eos_ids = eos_ids
+        self.max_context = max_context
         self.vocab = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id or 0
         self.max_prompt_chars = _max_prompt_chars(tokenizer, self.max_context)
         self.tokenizer = PerThreadTokenizer(tokenizer)
+
+    def scheduler(self, options) -> Scheduler:
+        """The worker that runs this model's sequences, with the server's limits (`ServeOptions`)."""
+        cache = PrefixCache(options.prefix_cache_mb * 2**20) if options.prefix_cache_mb > 0 else None
+        return Scheduler(self.model, **limits(options), pad_id=self.pad_id, prefix_cache=cache)
 
     def info(self) -> dict:
         return {
@@ -127,6 +144,7 @@ class ServeModel:
             "adapter": _shown(self.adapter),
             "adapter_merged": bool(self.adapter),
             "run_id": self.run_id,
+            "engine": self.engine,
             "device": str(self.device),
             "max_context": self.max_context,
         }
@@ -173,6 +191,7 @@ class ServeModel:
                     prompt_ids=ids,
                     max_new_tokens=req.max_new_tokens,
                     sampling=Sampling(req.temperature, req.top_p, req.top_k, seeded(seed)),
+                    seed=seed,
                     top_k_per_token=req.top_k_per_token,
                     score_prompt=req.top_k_per_token
                     if (req.echo_prompt and i == 0 and len(ids) > 1)

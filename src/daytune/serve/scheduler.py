@@ -55,6 +55,7 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: Sampling
+    seed: int | None = None  # the request's seed for this sequence (engines that seed by number)
     top_k_per_token: int = 0
     score_prompt: int | None = None  # top alternatives per prompt token, or None: no prompt log-probabilities
     eos_ids: frozenset[int] = frozenset()
@@ -148,6 +149,10 @@ class Scheduler:
                 "max_rows_seen": self.steps["max_rows"],
             }
 
+    def prefix_cache_info(self) -> dict | None:
+        """The prefix cache's counters for /health; None when it is off."""
+        return self.prefix_cache.info() if self.prefix_cache is not None else None
+
     def drain(self, grace: float) -> None:
         """Take no new work; the running and waiting sequences get `grace` seconds, then the worker fails those
         left with ShuttingDown between two steps and ends."""
@@ -183,7 +188,7 @@ class Scheduler:
                 merged = {id(s) for s in new}
                 for seq in new + [s for s in self.running if id(s) not in merged]:
                     self._finish(seq, e)
-                self.running, self.batch = [], None
+                self._keep_rows([])
             self.busy += time.monotonic() - start
 
     def _give_up(self) -> None:
@@ -194,7 +199,7 @@ class Scheduler:
         for seq in list(self.waiting) + self.running:
             self._finish(seq, error)
         self.waiting.clear()
-        self.running, self.batch = [], None
+        self._keep_rows([])
 
     def _drop_gone(self) -> None:
         """Rows whose client hung up or whose deadline passed leave before the next step computes them."""
@@ -205,8 +210,15 @@ class Scheduler:
         for i, seq in enumerate(self.running):
             if i not in keep:
                 self._finish(seq, Cancelled() if seq.cancelled else TimeoutError())
-        self.batch = select_rows(self.batch, keep) if keep else None
-        self.running = [self.running[i] for i in keep]
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only these running rows (by index); the others leave the batch."""
+        if not keep:
+            self.batch, self.running = None, []
+        elif len(keep) < len(self.running):
+            self.batch = select_rows(self.batch, keep)
+            self.running = [self.running[i] for i in keep]
 
     def _admit(self) -> list[Sequence]:
         now = time.monotonic()
@@ -314,11 +326,16 @@ class Scheduler:
                 self._finish(seq)
             elif done is False:
                 keep.append(i)
-        if not keep:
-            self.batch, self.running = None, []
-        elif len(keep) < len(rows):
-            self.batch = select_rows(self.batch, keep)
-            self.running = [rows[i] for i in keep]
+        self._keep_rows(keep)
+
+
+def limits(options) -> dict:
+    """The scheduler's keyword arguments from the server's options (`ServeOptions`)."""
+    return {
+        "max_batch": options.max_batch,
+        "max_queue": options.max_queue,
+        "max_prefill_tokens": options.max_prefill_tokens,
+    }
 
 
 def seeded(seed: int | None) -> torch.Generator:

@@ -143,6 +143,7 @@ class HealthResponse(BaseModel):
     adapter: str | None
     adapter_merged: bool
     run_id: str | None
+    engine: str = Field("daytune", description="daytune (its own batched engine) or vllm (--engine vllm)")
     device: str
     max_context: int
     max_new_tokens: int
