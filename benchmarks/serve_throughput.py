@@ -69,19 +69,27 @@ def start_server(
     cmd += list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    wait_up(proc, url, lambda: proc.stderr.read()[-2000:], limit=120)
+    return proc, url
+
+
+def wait_up(proc: subprocess.Popen, url: str, output, limit: float) -> None:
+    """Return once GET /health answers 200; a server that exits or stays down raises, with `output()` (the end
+    of what it printed)."""
     import httpx
 
-    for _ in range(600):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{url}: server exited: {output()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.terminate()
-    raise RuntimeError("server did not start in 120 s")
+    raise RuntimeError(f"{url}: server not up in {limit:g} s: {output()}")
 
 
 def greedy_request(prompt: str, max_new_tokens: int, top_k_per_token: int = 1, stop: list[str] = ()) -> dict:

@@ -32,27 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import free_port, load, prompt_tokens, prompts, rate_line  # noqa: E402
+from serve_throughput import free_port, load, prompt_tokens, prompts, rate_line, wait_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = Path(os.environ.get("DAYTUNE_VLLM_VENV", ROOT / ".venv-vllm")).absolute()
-
-
-def wait_up(proc: subprocess.Popen, url: str, log: Path, limit: float = 900) -> None:
-    import httpx
-
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited; its log:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"{url}: not up in {limit:g} s; see {log}")
 
 
 def start(name: str, cmd: list[str], env: dict, logs: Path) -> tuple[subprocess.Popen, str, float]:
@@ -63,7 +46,7 @@ def start(name: str, cmd: list[str], env: dict, logs: Path) -> tuple[subprocess.
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
-    wait_up(proc, url, log)
+    wait_up(proc, url, lambda: log.read_text()[-3000:], limit=900)  # vLLM compiles at startup
     return proc, url, time.monotonic() - t0
 
 
