@@ -339,3 +339,31 @@ def test_missing_registered_source_says_where_it_looked(tmp_path, tiny_model_dir
     with pytest.raises(SystemExit) as e:
         main(["data", "prepare", "--help"])
     assert e.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_near_dedup_judges_a_tk_instruct_row_on_its_instance(shared_data, tmp_path, tiny_model_dir):
+    """A Tk-Instruct prompt repeats the task's definition in every row: near-dedup must compare the instances
+    (input and output), or a task of short inputs (well-formed queries: 4-10 words after a 40-word definition)
+    loses most of its rows as 'near duplicates' of each other."""
+    from daytune.data.dedup import near_duplicates
+    from daytune.data.prepare import near_text
+
+    task = "task673_google_wellformed_query_classification"
+    path = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        datasets_dir=str(shared_data),
+        sources=[
+            {"source": "natural_instructions", "tasks": [task], "max_per_task": 80, "prompt": "tk-instruct"}
+        ],
+        dedup={"exact": True, "near": True, "threshold": 0.8},
+        decontaminate={"enabled": False},
+    )
+    card = prepare(load_data_recipe(path), tmp_path / "out")
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    (counts,) = [s["rows"] for s in card["sources"]]
+    assert counts["after_near_dedup"] >= counts["after_exact_dedup"] - 3  # distinct queries stay
+    assert all(r["meta"]["instance_input"] in r["instruction"] for r in rows)
+    assert near_text(rows[0]) == f"{rows[0]['meta']['instance_input']}\n{rows[0]['output']}"
+    whole = near_duplicates([f"{r['instruction']}\n{r['output']}" for r in rows], 0.8, 128, 3, 0)
+    assert len(whole) > len(rows) // 3  # what judging the whole prompt would have removed

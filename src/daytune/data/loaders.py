@@ -280,7 +280,10 @@ def _sni_task(path: Path, where: str, task_obj: dict, name: str, opts, policy, o
                         else {"instruction": instruction, "input": _str(inst, "input", at)}
                     ),
                     output=outputs[0],
-                    meta={"task": task},
+                    # the instance's own input: what near-dedup compares when the prompt carries the definition
+                    meta={"task": task, "instance_input": _str(inst, "input", at)}
+                    if opts.prompt == "tk-instruct"
+                    else {"task": task},
                 )
             )
         except RowError as e:

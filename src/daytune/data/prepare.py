@@ -117,11 +117,13 @@ class Books:
 
 def near_text(rec: dict) -> str:
     """What near-duplicates are judged on: what differs between rows. Task collections repeat one definition
-    across thousands of rows, so a row with an input is compared on its input and output."""
+    across thousands of rows, so a row with an input is compared on its input and output (a Tk-Instruct prompt
+    holds the definition and the input in one text: its instance's input is kept apart for this)."""
     if "text" in rec or rec.get("messages"):
         return record_text(rec)
-    if rec.get("input"):
-        return f"{rec['input']}\n{rec['output']}"
+    own = rec.get("input") or (rec.get("meta") or {}).get("instance_input")
+    if own:
+        return f"{own}\n{rec['output']}"
     return f"{rec['instruction']}\n{rec['output']}"
 
 
