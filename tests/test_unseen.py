@@ -135,6 +135,23 @@ def test_unseen_suite_runs_on_the_tiny_model(tiny_model, shared_data):
     )
 
 
+def test_eval_tasks_picks_the_sni_tasks_and_refuses_bad_ones(tiny_model_dir, shared_data, tmp_path, capsys):
+    """`daytune eval --tasks` scores the named SNI tasks (a sweep's validation tasks, say) instead of the ten."""
+    out = tmp_path / "val"
+    args = ["eval", "--model", str(tiny_model_dir), "--suite", "unseen", "--data-root", str(shared_data)]
+    tasks = "task642_esnli_classification,task1562_zest_text_modification"
+    assert (
+        main([*args, "--tasks", tasks, "--max-instances", "2", "--bootstrap", "20", "--out", str(out)]) == 0
+    )
+    sni = json.loads((out / "results.json").read_text())["scenarios"]["sni"]
+    assert list(sni["by_task"]) == tasks.split(",") and sni["n"] == 4
+    bad = tmp_path / "bad"
+    assert main([*args, "--tasks", "task642_esnli_classification,task0_nope", "--out", str(bad)]) == 2
+    assert "--tasks: no task file" in capsys.readouterr().err and not bad.exists()
+    assert main([*args[:4], "quick", "--tasks", "task642_esnli_classification", "--out", str(bad)]) == 2
+    assert "has no sni scenario" in capsys.readouterr().err and not bad.exists()
+
+
 # ---- held out by task, and by Source -------------------------------------------------------------------------
 def _data_recipe(tmp_path: Path, model_dir: Path, shared: Path, **fields) -> Path:
     recipe = {

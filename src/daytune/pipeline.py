@@ -483,7 +483,15 @@ def evaluate_suite(
     DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early
     if source is not None and source.run_dir is not None and req.plan is None:  # the run's held-out tasks
         run_cfg = load_run_config(source.run_dir / "config.yaml")
-        req.plan = run_suite_plan(run_cfg, req.suite, req.scenarios, req.max_instances, subjects=req.subjects)
+        req.plan = run_suite_plan(
+            run_cfg, req.suite, req.scenarios, req.max_instances, req.tasks, req.subjects
+        )
+    elif req.plan is None and req.tasks:
+        from daytune.eval.suites import suite_plan, with_tasks
+
+        req.plan = with_tasks(
+            suite_plan(req.suite, req.scenarios, req.max_instances, req.subjects), req.tasks
+        )
     if lm is None and not (with_base and source.trained):
         lm = LocalLM.load(source.model, source.trained, req.batch_size, req.device, log=reporter.log)
     DataRoot(suite_data_root(req.suite, req.data_root)).path("")  # a missing data root fails early

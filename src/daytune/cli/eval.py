@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daytune.errors import DaytuneError
+from daytune.errors import ConfigError, DaytuneError
 
 EVAL_EPILOG = """examples:
   daytune eval --model smollm2-135m --suite quick              HELM-style scenarios -> results.json + results.md
@@ -60,6 +60,11 @@ def add_parser(sub) -> None:
         "--subjects",
         help="MMLU subjects (or BBQ categories) instead of the suite's, comma-separated; 'all' for every MMLU "
         "subject",
+    )
+    sp.add_argument(
+        "--tasks",
+        help="Super-NaturalInstructions tasks for the unseen suite's sni scenario, comma-separated (default: the "
+        "run's held-out tasks, else the suite's ten); a task the run trained on is refused",
     )
     sp.add_argument(
         "--max-instances", type=int, help="cap the instances of every scenario (MMLU: per subject)"
@@ -145,6 +150,9 @@ def _suite(args, reporter) -> int:
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    tasks = [s.strip() for s in args.tasks.split(",") if s.strip()] if args.tasks else None
+    if tasks and not args.harness:
+        _check_tasks(args.suite, scenarios, tasks, args.data_root)
     if not args.harness:
         suite_plan(
             args.suite, scenarios, args.max_instances, subjects
@@ -167,9 +175,23 @@ def _suite(args, reporter) -> int:
         args.batch_size,
         device=args.device or "auto",
         subjects=subjects,
+        tasks=tasks,
     )
     evaluate_suite(source, req, out, reporter, with_base=args.with_base, lm=lm)
     return 0
+
+
+def _check_tasks(suite: str, scenarios, tasks: list[str], data_root) -> None:
+    """--tasks needs the sni scenario in the plan, and task files that exist: both fail before a model loads."""
+    from daytune.eval.scenarios import DataRoot
+    from daytune.eval.suites import sni_tasks, suite_data_root, suite_plan
+
+    if not sni_tasks(suite_plan(suite, scenarios)):
+        raise ConfigError(f"--tasks: suite {suite!r} has no sni scenario (use --suite unseen)")
+    folder = DataRoot(suite_data_root(suite, data_root)).path("natural_instructions")
+    missing = [t for t in tasks if not (folder / f"{t}.json").is_file()]
+    if missing:
+        raise ConfigError(f"--tasks: no task file in {folder} for {', '.join(missing)}")
 
 
 def _harness(args, reporter, source, out: Path) -> int:
