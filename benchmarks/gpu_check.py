@@ -2,7 +2,8 @@
 
 1. CUDA, bitsandbytes and NVML agree: the devices PyTorch sees are the ones NVML samples (by UUID), and
    bitsandbytes' CUDA library runs a 4-bit matmul that matches its dequantized weights.
-2. A random-weight 0.5B Llama trains (LoRA, bf16-true, packed, micro_batch auto: the probe on the GPU).
+2. A random-weight 0.5B Llama trains (LoRA, bf16-true, packed, micro_batch auto: the probe on the GPU); then
+   again with Liger's fused kernels (train.kernels liger) and with PyTorch's: losses, tokens/s, memory.
 3. A 2-layer slice of Llama 2 7B trains with the RTX 4090 recipe's settings (QLoRA NF4, r=64 on every linear
    layer, gradient checkpointing, paged 8-bit AdamW, packed 2048-token rows); a copy is SIGKILLed after a
    checkpoint and resumed, and its losses are compared with the uninterrupted run.
@@ -294,6 +295,36 @@ def check_small(ctx: Context) -> dict:
     }  # fmt: skip
 
 
+# ---- 2b. Liger's fused kernels against PyTorch's on the same model, data and steps ---------------------------------
+def check_liger(ctx: Context) -> dict:
+    """train.kernels liger vs none on the 0.5B model (the micro-batch its probe chose): losses, tokens/s, memory.
+    On the CPU (--dry-run) liger falls back to PyTorch's kernels, so both runs are the same computation."""
+    s = ctx.sizes
+    mb = summary_of(ctx.facts["small_run"]).get("micro_batch") or 1
+    rows = {}
+    for kernels in ("none", "liger"):
+        name = f"kernels-{kernels}"
+        path = recipe(ctx, name, ctx.work / "small", micro_batch=mb, grad_accum=max(1, 8 // mb),
+                      max_steps=s.small_steps, kernels=kernels)  # fmt: skip
+        ctx.daytune("train", str(path))
+        run = latest_run(ctx, name)
+        train = summary_of(run)
+        rows[kernels] = {"losses": losses(run), **{k: train.get(k) for k in (
+            "kernels", "tokens_per_s", "peak_gpu_allocated_mb", "peak_rss_mb")}}  # fmt: skip
+    a, b = rows["none"]["losses"], rows["liger"]["losses"]
+    diff = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b)) if a and len(a) == len(b) else None
+    fell_back = rows["liger"]["kernels"] == "none"  # what the run resolved train.kernels liger to
+    speed = (rows["liger"]["tokens_per_s"] or 0) / (rows["none"]["tokens_per_s"] or float("inf"))
+    return {
+        # bf16 kernels round differently: a few 1e-3 of relative loss on a GPU; the CPU fallback is the same math
+        "ok": diff is not None and diff < (1e-5 if ctx.dry else 2e-2) and (fell_back == ctx.dry),
+        "losses_rel_diff": diff,
+        "liger_vs_pytorch_tokens_per_s": round(speed, 3),
+        "fell_back_to_pytorch": fell_back,
+        "runs": rows,
+    }
+
+
 # ---- 3, 4. the 7B slice with the 4090 recipe: kill, resume, memory ------------------------------------------------
 def slice_recipe(ctx: Context, name: str) -> Path:
     import yaml
@@ -521,6 +552,7 @@ def check_fsdp(ctx: Context) -> dict:
 CHECKS = [
     ("environment", check_environment),
     ("small_model", check_small),
+    ("liger_kernels", check_liger),
     ("slice_7b", check_slice),
     ("packed_attention", check_packed_attention),
     ("export_serve", check_export_serve),

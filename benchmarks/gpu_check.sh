@@ -30,7 +30,7 @@ fi
 
 # What the check imports; a missing module is installed from .wheels/ (module name -> distribution name).
 imports="import daytune.cli, daytune.train.loop, daytune.serve.app, daytune.train.export, httpx, bitsandbytes"
-[ "$dry" = True ] || imports="$imports, pynvml"
+[ "$dry" = True ] || imports="$imports, pynvml, liger_kernel"
 dist_of() {
   case "$1" in
     yaml) echo pyyaml ;; pynvml) echo nvidia-ml-py ;; huggingface_hub) echo huggingface-hub ;;

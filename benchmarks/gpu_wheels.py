@@ -1,8 +1,8 @@
 """`make gpu-wheels`: the wheels benchmarks/gpu_check.sh installs on a GPU machine that reaches no package index.
 
 Everything daytune's runtime needs beyond PyTorch (its dependencies, recursively, at the versions installed here:
-the pins a submission uses too), plus bitsandbytes and nvidia-ml-py, for the GPU machine's Python and Linux
-x86_64. PyTorch and its CUDA libraries are not downloaded: the check uses the PyTorch installed on the GPU
+the pins a submission uses too), plus bitsandbytes, nvidia-ml-py and liger-kernel, for the GPU machine's Python
+and Linux x86_64. PyTorch and its CUDA libraries are not downloaded: the check uses the PyTorch installed on the GPU
 machine. The bitsandbytes wheel keeps only the CUDA library for `--cuda` (one of its ~20 MB libraries instead of
 all of them). Packages that publish no wheel come as source archives. gpu_check.sh installs only what the GPU
 machine's Python lacks.
@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LIGER = "liger-kernel==0.8.5"  # train.kernels liger: the check's fused-kernel row
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "linux_x86_64")
 
 
@@ -30,6 +31,7 @@ def requirements(exclude: set[str]) -> list[str]:
     pins = set(pinned_requirements("daytune"))
     for extra in ("bitsandbytes", "nvidia-ml-py"):
         pins |= set(pinned_requirements(extra)) | {p for p in _self_pin(extra)}
+    pins.add(LIGER)  # not installed here (Triton: CUDA only); its dependencies are torch and triton
     return sorted(p for p in pins if p.split("==")[0] not in exclude)
 
 

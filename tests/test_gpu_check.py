@@ -29,12 +29,14 @@ def test_gpu_check_dry_run_writes_one_json(tmp_path):
     assert list(checks) == [
         "environment",
         "small_model",
+        "liger_kernels",
         "slice_7b",
         "packed_attention",
         "export_serve",
         "fsdp",
     ]
     assert report["dry_run"] and checks["slice_7b"]["details"]["killed_at_step"] >= 3
+    assert checks["liger_kernels"]["details"]["fell_back_to_pytorch"]  # Triton kernels need CUDA
     assert checks["slice_7b"]["details"]["resumed_losses_rel_diff"] < 1e-4  # CPUs are deterministic
     memory = checks["slice_7b"]["details"]["memory"]
     assert memory["predicted_mb"] > 0 and memory["full_7b_predicted_mb"] > memory["predicted_mb"]
@@ -79,4 +81,4 @@ def test_gpu_wheels_keep_one_cuda_library_of_bitsandbytes(tmp_path):
     # PyTorch and its CUDA libraries are the GPU machine's own; NVML's Python binding is not one of them
     assert not names & {"torch", "triton", "numpy"}
     assert {n for n in names if n.startswith("nvidia-")} == {"nvidia-ml-py"}
-    assert {"transformers", "peft", "accelerate", "bitsandbytes"} <= names
+    assert {"transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel"} <= names

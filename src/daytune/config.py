@@ -121,6 +121,9 @@ class TrainConfig:
     # torch.compile each decoder block: true | false | auto (CUDA and a budget of 1h+); compiling takes minutes
     # of the budget and pays back only in long runs (train/compile.py)
     compile: bool | str = False
+    # fused Triton kernels from liger-kernel (RMSNorm, SwiGLU, RoPE, linear cross-entropy): auto | liger | none;
+    # CUDA only (auto: when liger-kernel is installed), PyTorch's kernels elsewhere (train/kernels.py)
+    kernels: str = "auto"
     grad_clip: float | None = 1.0
     seed: int = 42
     checkpoint_every: int | str = 50  # optimizer steps (50) or time ("10m") between checkpoints
@@ -195,6 +198,8 @@ class RunConfig:
         _choice("train.quant.quant_type", self.train.quant.quant_type, ("nf4", "fp4"))
         if self.train.compile not in (True, False, "auto"):
             raise ConfigError(f"train.compile: {self.train.compile!r} is not one of true, false, auto")
+        if self.train.kernels not in ("auto", "liger", "none"):
+            raise ConfigError(f"train.kernels: {self.train.kernels!r} is not one of auto, liger, none")
         parse_interval(self.train.checkpoint_every, "train.checkpoint_every")
         if self.train.eval_every is not None:
             parse_interval(self.train.eval_every, "train.eval_every")

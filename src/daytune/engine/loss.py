@@ -16,11 +16,12 @@ def _chunk_ce(head_weight: torch.Tensor, h: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def response_loss(model, batch: dict[str, torch.Tensor], fused_ce=None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over label positions != -100, and their count.
 
     Chunks of the output layer are recomputed in backward (activation checkpointing) when there is more than one,
-    so peak memory holds one chunk of logits, not all of them."""
+    so peak memory holds one chunk of logits, not all of them. `fused_ce(hidden, weight, targets)`: a fused
+    linear cross-entropy kernel to use instead (train.kernels: liger)."""
     segments = {k: batch[k] for k in SEGMENTS if k in batch}
     h = final_hidden(
         model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), segments
@@ -31,6 +32,8 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     targets = labels[selected]
     n = int(targets.numel())
     head = output_layer(model)
+    if fused_ce is not None and getattr(head, "bias", None) is None:
+        return fused_ce(hs, head.weight, targets), n
     if getattr(head, "bias", None) is not None:
         logits = head(hs).float()
         return F.cross_entropy(logits, targets, reduction="sum"), n

@@ -66,6 +66,7 @@ from daytune.train.checkpoint import (
     sharded_optimizer_dir,
 )
 from daytune.train.compile import compile_blocks, eager, graphs_compiled, wants_compile
+from daytune.train.kernels import apply_liger, fused_linear_ce, resolve_kernels
 from daytune.train.memory import return_freed_memory
 from daytune.train.probe import ProbeResult, resolve_micro_batch
 from daytune.train.state import TrainResult, TrainState
@@ -109,6 +110,8 @@ class Session:
     varlen: bool  # packed rows attend by segments (CUDA, 16-bit) instead of through a mask
     probed: ProbeResult | None  # micro_batch auto: what was decided
     compiled: int  # decoder blocks compiled (train.compile), 0: eager
+    kernels: str  # train.kernels as resolved: liger | none
+    fused_ce: Any  # Liger's fused linear cross-entropy (train.kernels liger), None: the chunked PyTorch loss
     plan: BatchPlan
     targets: list[int]  # loss positions per example
     per_step: int  # micro-batches per optimizer step, all processes
@@ -165,6 +168,12 @@ def setup(
     model = methods.prepare_for_training(model, tc, model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    kernels, why = resolve_kernels(tc.kernels, device)
+    if kernels == "liger" and not apply_liger(model, tc.kernels):
+        kernels, why = "none", f"Liger has no kernels for this model family ({tc.kernels}); PyTorch's kernels"
+    if "liger" in (kernels, tc.kernels):
+        reporter.log(f"train.kernels {tc.kernels}: {why}.")
+    fused_ce = fused_linear_ce() if kernels == "liger" else None
     probed = resolve_micro_batch(cfg, model, examples, tokenizer, accelerator, resume, reporter.log, varlen)
     compiled = compile_blocks(model) if wants_compile(tc.compile, device, budget.seconds) else 0
     optimizer = methods.make_optimizer(params, tc, device)
@@ -216,6 +225,8 @@ def setup(
         varlen=varlen,
         probed=probed,
         compiled=compiled,
+        kernels=kernels,
+        fused_ce=fused_ce,
         plan=plan,
         targets=[sum(1 for x in e.labels[1:] if x != -100) for e in examples],
         per_step=per_step,
@@ -406,7 +417,7 @@ def first_step_estimate(s: Session) -> float:
             s.accelerator.autocast(),
             eager(bool(s.compiled)),
         ):  # eager: compiling an inference graph here would cost more than the pass it times
-            response_loss(s.model, batch)
+            response_loss(s.model, batch, s.fused_ce)
     finally:
         s.model.train()
     sync(s.device)
@@ -449,7 +460,7 @@ def forward_backward(s: Session, mine: list, n_target: int, t_step: float) -> tu
         batch = {k: v.to(s.device) for k, v in batch.items() if k != "n_tokens"}
         data_seconds += time.perf_counter() - t_data
         with acc.accumulate(s.model), acc.autocast():
-            loss, _ = response_loss(s.model, batch)
+            loss, _ = response_loss(s.model, batch, s.fused_ce)
             acc.backward(loss * scale)
         loss_sum += float(loss.detach())
         if budget.seconds is not None and j < len(mine) - 1:
@@ -612,6 +623,7 @@ def result_of(
         peak_rss_mb=round(peak_rss_mb(), 1),
         **gpu_peaks(s.device),
         attention="varlen" if s.varlen else "sdpa",
+        kernels=s.kernels,
         micro_batch=st.micro_batch,
         grad_accum=st.grad_accum,
         micro_batch_probe=s.probed.to_dict() if s.probed else None,

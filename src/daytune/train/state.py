@@ -82,3 +82,4 @@ class TrainResult:
     peak_gpu_allocated_mb: float | None = None  # CUDA: torch.cuda.max_memory_allocated (tensors)
     peak_gpu_reserved_mb: float | None = None  # CUDA: max_memory_reserved (what the caching allocator held)
     attention: str = "sdpa"  # packed rows: "varlen" (by segments, CUDA) or "sdpa" (through a mask)
+    kernels: str = "none"  # train.kernels as resolved: "liger" (fused Triton kernels) or "none" (PyTorch's)
