@@ -129,11 +129,11 @@ class StepClock:
             loop.save_checkpoint,
         )
 
-        def response_loss(model, batch):
+        def response_loss(model, batch, fused_ce=None):
             if torch.is_grad_enabled():  # a training micro-batch (timing passes and validation run without)
                 self.now += micro(self.micro_batches)
                 self.micro_batches += 1
-            return real_loss(model, batch)
+            return real_loss(model, batch, fused_ce)
 
         def load_base_for_training(*args, **kwargs):
             self.now += setup

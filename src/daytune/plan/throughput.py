@@ -151,7 +151,8 @@ class Speed:
             "flops_per_token": round(self.flops_per_token),
             "peak_flops": self.peak_flops,
             "efficiency": None if self.efficiency is None else round(self.efficiency, 4),
-            "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 1),
+            # three significant digits: a 7B model on a CPU without fast bf16 makes well under 0.1 token/s
+            "tokens_per_s": None if self.tokens_per_s is None else float(f"{self.tokens_per_s:.3g}"),
             "efficiency_from": self.sources,
         }
 
