@@ -193,12 +193,15 @@ def profile_daytune(device: str, steps: int, warmup: int) -> dict:
     from daytune.models import load_tokenizer
     from daytune.models.trained import load_base_for_training
     from daytune.train import methods
+    from daytune.train.dropout import use_cpu_dropout
 
     cfg = daytune_config(False, device, steps, warmup, False, False)
     tc, path = cfg.train, Path(cfg.model)
     dev = torch.device(device)
     tok = load_tokenizer(path)
     model = methods.prepare_for_training(load_base_for_training(path, tc, torch.float32, dev), tc, path)
+    if device == "cpu":
+        use_cpu_dropout(model)  # as the loop does on a CPU (train/dropout.py)
     model.train()
     opt = methods.make_optimizer([p for p in model.parameters() if p.requires_grad], tc, dev)
     examples, _ = encode_records(records(), tok, "chat", SEQ)
@@ -500,7 +503,7 @@ def main() -> None:
         "full_rss_ratio": ratio("daytune-full", "trainer-full", mem),
         "targets": {
             "lora_speedup": 1.5,
-            "lora_speedup_vs_packed": 1.1,
+            "lora_speedup_vs_packed": 1.5,
             "lora_speedup_defaults": 1.5,
             "lora_rss_ratio": 0.8,
             "full_speedup": 1.3,

@@ -13,10 +13,29 @@ HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "pinned.json"
 
 
+# instruction sets that change which oneDNN/MKL kernels run (and so how float sums round) within one capability
+KERNEL_FLAGS = ("avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
 def cpu_kernel() -> str:
+    """The torch build, its CPU capability, the CPU model and the flags above: two machines with one AVX512
+    capability but another CPU (an AMX one, say) round differently, so exact pins hold only on the same kernel."""
+    import platform
+
     import torch
 
-    return f"torch {torch.__version__.split('+')[0]}, {torch.backends.cpu.get_cpu_capability()}"
+    model, flags = platform.processor(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name") and model in ("", "x86_64"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    extra = "+".join(f for f in KERNEL_FLAGS if f in flags) or "-"
+    return f"torch {torch.__version__.split('+')[0]}, {torch.backends.cpu.get_cpu_capability()}, {model}, {extra}"
 
 
 def tensors_checksum(path: Path) -> str:

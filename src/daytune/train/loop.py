@@ -66,6 +66,7 @@ from daytune.train.checkpoint import (
     sharded_optimizer_dir,
 )
 from daytune.train.compile import compile_blocks, eager, graphs_compiled, wants_compile
+from daytune.train.dropout import use_cpu_dropout
 from daytune.train.kernels import apply_liger, fused_linear_ce, resolve_kernels
 from daytune.train.memory import return_freed_memory
 from daytune.train.probe import ProbeResult, resolve_micro_batch
@@ -166,6 +167,9 @@ def setup(
     varlen = (cfg.data.packing and tc.method not in methods.PROMPT_METHODS
               and varlen_available(device, compute_dtype(precision)) and use_varlen(model))  # fmt: skip
     model = methods.prepare_for_training(model, tc, model_dir)
+    compiling = wants_compile(tc.compile, device, budget.seconds)
+    if device.type == "cpu" and not compiling and (n := use_cpu_dropout(model)):
+        reporter.log(f"LoRA dropout on {n} layers: masks from NumPy's PCG64 (train/dropout.py).")
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     kernels, why = resolve_kernels(tc.kernels, device)
@@ -175,7 +179,7 @@ def setup(
         reporter.log(f"train.kernels {tc.kernels}: {why}.")
     fused_ce = fused_linear_ce() if kernels == "liger" else None
     probed = resolve_micro_batch(cfg, model, examples, tokenizer, accelerator, resume, reporter.log, varlen)
-    compiled = compile_blocks(model) if wants_compile(tc.compile, device, budget.seconds) else 0
+    compiled = compile_blocks(model) if compiling else 0
     optimizer = methods.make_optimizer(params, tc, device)
     # accelerate's accumulation: the last micro-batch of a step syncs gradients (DDP, FSDP) or is the boundary
     # where the DeepSpeed engine clips and steps; each micro-batch's loss is scaled back (see forward_backward)
