@@ -125,6 +125,7 @@ def main() -> None:
             "mib": round(record["bytes"] / 2**20, 1),
             "export_seconds": round(export_seconds, 1),
             "llama_cpp_load_seconds": round(got["load_seconds"], 3),
+            "llama_cpp_repacked": got["repacked"],  # False on an AMX CPU (see tests/llama_check.py)
             "daytune_load_seconds": round(round_trip(gguf, scratch), 1),
             "tensor_types": tensor_types(gguf),
             "tokenization_equal": got["tokens"] == ids,

@@ -2,7 +2,7 @@
 what llama.cpp makes of it, as JSON on stdout.
 
 argv[1]: a JSON file {"gguf": path, "texts": [str], "n": int, "messages": [[{role, content}]], "score": [[ids]],
-"logits_dir": path}. Answers: load seconds, the metadata, llama.cpp's tokens for each text, its greedy continuation
+"logits_dir": path}. Answers: load seconds, whether ggml repacked the weights, the metadata, llama.cpp's tokens for each text, its greedy continuation
 of each (n tokens, end-of-text not special-cased), each conversation rendered by the file's chat template through
 llama-cpp-python's Jinja formatter and through llama.cpp's own C++ template engine; and for each `score` sequence
 the logits at every position, saved as logits_dir/<i>.npy.
@@ -31,8 +31,32 @@ def native_chat(model, messages) -> str | None:
     return buf.raw[:n].decode("utf-8") if n >= 0 else None
 
 
+def amx_cpu() -> bool:
+    try:
+        return " amx_int8" in open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+
+
+def without_repacking() -> None:
+    """Load the weights as the file stores them (llama-cli's --no-repack): on a CPU with AMX, ggml moves quantized
+    weights into its AMX layout, and its AMX matmul crashes there on q8_0 and q4_k_m files, ours and others'
+    (ggml_backend_amx_mul_mat; llama.cpp issue 20824, open). What is checked here is the file, not that kernel."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+
+
 def main() -> None:
     job = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    repack = not amx_cpu()
+    if not repack:
+        without_repacking()
     t0 = time.monotonic()
     llm = llama_cpp.Llama(job["gguf"], n_ctx=512, n_threads=2, seed=0, logits_all=True, verbose=False)
     load_seconds = time.monotonic() - t0
@@ -65,6 +89,7 @@ def main() -> None:
         json.dumps(
             {
                 "load_seconds": load_seconds,
+                "repacked": repack,
                 "metadata": meta,
                 "tokens": tokens,
                 "greedy": greedy,

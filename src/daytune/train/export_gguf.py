@@ -271,7 +271,9 @@ The file carries the tokenizer and the chat template (`tokenizer.chat_template`)
 
 - **Ollama**: `ollama create {tag} -f Modelfile && ollama run {tag}` (the Modelfile has the chat template as a Go
   template{" (" + record["chat_format"] + ")" if record["chat_format"] else ""} and the stop tokens)
-- **llama.cpp**: `llama-cli -m {file} -cnv` or `llama-server -m {file} --jinja` (OpenAI-style API on port 8080)
+- **llama.cpp**: `llama-cli -m {file} -cnv` or `llama-server -m {file} --jinja` (OpenAI-style API on port 8080).
+  On a CPU with AMX (Xeon Sapphire Rapids and later) llama.cpp builds with AMX can crash on quantized files in
+  `ggml_backend_amx_mul_mat` (llama.cpp issue 20824): add `--no-repack`
 - **LM Studio**: `lms import {file}`, or drop the file into its models folder
 - **Python**: `from llama_cpp import Llama; Llama("{file}").create_chat_completion(messages=[...])`
 - **daytune**: `daytune serve --model {file}` (the competition API)
