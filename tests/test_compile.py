@@ -8,15 +8,24 @@ from test_train import new_run
 from daytune.config import load_run_config
 from daytune.errors import ConfigError
 from daytune.pipeline import train_run
+from daytune.train import compile as compile_module
 from daytune.train.compile import COMPILE_MIN_BUDGET, wants_compile
 
 
-def test_compile_choices_and_auto():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+def test_compile_choices_and_auto(monkeypatch):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert wants_compile(True, cpu, None) and not wants_compile(False, cuda, 86400)
     assert wants_compile("auto", cuda, COMPILE_MIN_BUDGET)
     assert not wants_compile("auto", cuda, COMPILE_MIN_BUDGET - 1)  # compilation would not pay back
-    assert not wants_compile("auto", cuda, None) and not wants_compile("auto", cpu, 86400)
+    assert not wants_compile("auto", cuda, None) and not wants_compile("auto", mps, 86400)
+    monkeypatch.setattr(
+        compile_module.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None
+    )
+    assert wants_compile("auto", cpu, 86400) and not wants_compile("auto", cpu, COMPILE_MIN_BUDGET - 1)
+    monkeypatch.setattr(
+        compile_module.shutil, "which", lambda name: None
+    )  # inductor could not build its kernels
+    assert not wants_compile("auto", cpu, 86400) and wants_compile("auto", cuda, 86400)
 
 
 def test_compile_value_refused(tiny_recipe):

@@ -118,8 +118,8 @@ class TrainConfig:
     precision: str = "auto"
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (bitsandbytes)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    # torch.compile each decoder block: true | false | auto (CUDA and a budget of 1h+); compiling takes minutes
-    # of the budget and pays back only in long runs (train/compile.py)
+    # torch.compile each decoder block: true | false | auto (a budget of 1h+, on CUDA or a CPU with a C++ compiler);
+    # compiling takes minutes of the budget and pays back only in long runs (train/compile.py)
     compile: bool | str = False
     # fused Triton kernels from liger-kernel (RMSNorm, SwiGLU, RoPE, linear cross-entropy): auto | liger | none;
     # CUDA only (auto: when liger-kernel is installed), PyTorch's kernels elsewhere (train/kernels.py)
