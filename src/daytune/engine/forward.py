@@ -72,6 +72,15 @@ def _cache_kwarg(model) -> str:
 
 
 def _forward(model, ids, mask, positions, cache, hidden: bool):
+    """One forward pass over new tokens with a KV cache: the model's fast path (engine/fast.py) when it has one,
+    else its own forward."""
+    fast = getattr(model, "_daytune_fast", None)
+    if fast is not None:
+        return fast(ids, mask, positions, cache, hidden)
+    return _model_forward(model, ids, mask, positions, cache, hidden)
+
+
+def _model_forward(model, ids, mask, positions, cache, hidden: bool):
     return model(
         input_ids=ids,
         attention_mask=mask,
@@ -102,7 +111,8 @@ def _prefix_cache(model, prefix: list[int] | tuple[int, ...]):
     """The KV cache of one token prefix (a few-shot prompt's shared instructions and examples)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix)], device=device)
-    return _cache_of(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    positions = torch.arange(ids.shape[1], device=device)[None]
+    return _cache_of(_forward(model, ids, torch.ones_like(ids), positions, None, False))
 
 
 def _expand(cache, batch: int):

@@ -24,10 +24,13 @@ tokens that start before the cut, the last one's text trimmed at the cut (its lo
 from __future__ import annotations
 
 import copy
-import threading
+import functools
+import queue
 from pathlib import Path
 
 from daytune.engine.decode import Sampling
+from daytune.engine.fast import enable_fast_path, fast_forward
+from daytune.engine.packed import pack_linears
 from daytune.engine.prefix_cache import PrefixCache
 from daytune.engine.text import StopWatcher, TextStream, cut_pieces, token_texts
 from daytune.errors import DaytuneError, ModelError
@@ -47,27 +50,43 @@ class RequestError(DaytuneError):
         self.field = field
 
 
-class PerThreadTokenizer:
-    """The tokenizer, one copy per thread that uses it (the worker's included). A HF fast tokenizer raises
-    "Already borrowed" when a call with other truncation settings meets an encode running in another thread, and a
-    shared lock would make every request, and the worker's per-token stop check, wait for the longest
-    tokenization. A copy costs a few MB (about 9 MB for SmolLM2's) and goes with its thread."""
+class TokenizerPool:
+    """The tokenizer, shared by the server's threads through a pool of copies: each call borrows one for its
+    duration. A HF fast tokenizer raises "Already borrowed" when a call with other truncation settings meets an
+    encode running in another thread, and one shared lock would make every request, and the worker's per-token stop
+    check, wait for the longest tokenization. A copy per thread was the earlier answer, but the HTTP layer runs
+    requests on dozens of short-lived threads, and each new one deep-copied the tokenizer (tens of ms holding the
+    GIL, stalling the decode loop: a fifth of a busy server's time at 32 clients, profiled). The pool holds as many
+    copies as calls ever ran at once (a few), made when first needed. Attributes (token ids, names) are read from
+    the original, which is never called."""
 
     def __init__(self, tokenizer):
-        self._template = tokenizer  # only ever copied, never called
-        self._local = threading.local()
+        self._template = tokenizer  # only ever copied and read, never called
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self.copies = 0
 
-    def get(self):
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self._template)
-        return tok
+    def _borrow(self):
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            self.copies += 1
+            return copy.deepcopy(self._template)
+
+    def _run(self, name: str | None, *args, **kwargs):
+        tok = self._borrow()
+        try:
+            return (tok if name is None else getattr(tok, name))(*args, **kwargs)
+        finally:
+            self._free.put(tok)
 
     def __getattr__(self, name):
-        return getattr(self.get(), name)
+        value = getattr(self._template, name)
+        if callable(value):
+            return functools.partial(self._run, name)
+        return value
 
     def __call__(self, *args, **kwargs):
-        return self.get()(*args, **kwargs)
+        return self._run(None, *args, **kwargs)
 
     def __len__(self) -> int:
         return len(self._template)
@@ -90,6 +109,19 @@ def _max_prompt_chars(tokenizer, max_context: int) -> int:
     return min(MAX_PROMPT_CHARS, max_context * longest * (1 if normalizer is None else 4))
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def serve_dtype(name: str):
+    """`--dtype`: None for auto (the device's inference dtype: bf16 on GPUs that have it, fp16 on older ones, fp32
+    on CPUs), else that torch dtype."""
+    import torch
+
+    if name not in DTYPES:
+        raise DaytuneError(f"--dtype: must be one of {', '.join(DTYPES)}; got {name!r}")
+    return None if name == "auto" else getattr(torch, name)
+
+
 class ServeModel:
     """daytune's own engine: the model loaded here (any adapter merged), decoded by the batching `Scheduler`."""
 
@@ -102,13 +134,22 @@ class ServeModel:
         device: str | None = None,
         run_id: str | None = None,
         log=print,
+        dtype: str = "auto",
     ):
         from daytune.hardware import pick_device
 
         self.device = pick_device(device or "auto", "--device")
         # an adapter is merged into the weights where its method allows: no adapter cost per token
         source = ModelSource(model_ref, Path(adapter) if adapter else None)
-        self.model, tokenizer, eos = load_for_inference(source, self.device, merge=True, log=log)
+        torch_dtype = serve_dtype(dtype)
+        self.model, tokenizer, eos = load_for_inference(
+            source, self.device, merge=True, dtype=torch_dtype, log=log
+        )
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        # Llama-family models: fewer, fused ops per decode step (engine/fast.py); others: bf16 weights on a CPU
+        # packed once for oneDNN (the fast path packs its own)
+        self.fast_path = enable_fast_path(self.model, log=log)
+        self.packed = fast_forward(self.model).packed if self.fast_path else pack_linears(self.model)
         # still a PeftModel: the method adds virtual tokens or attention paths
         if hasattr(self.model, "peft_config"):
             raise ModelError(
@@ -131,7 +172,7 @@ class ServeModel:
         self.vocab = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id or 0
         self.max_prompt_chars = _max_prompt_chars(tokenizer, self.max_context)
-        self.tokenizer = PerThreadTokenizer(tokenizer)
+        self.tokenizer = TokenizerPool(tokenizer)
 
     def scheduler(self, options) -> Scheduler:
         """The worker that runs this model's sequences, with the server's limits (`ServeOptions`)."""
@@ -146,6 +187,9 @@ class ServeModel:
             "run_id": self.run_id,
             "engine": self.engine,
             "device": str(self.device),
+            "dtype": getattr(self, "dtype", None),
+            "fast_path": getattr(self, "fast_path", False),
+            "packed_linears": getattr(self, "packed", 0),
             "max_context": self.max_context,
         }
 

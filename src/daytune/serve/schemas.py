@@ -145,6 +145,11 @@ class HealthResponse(BaseModel):
     run_id: str | None
     engine: str = Field("daytune", description="daytune (its own batched engine) or vllm (--engine vllm)")
     device: str
+    dtype: str | None = Field(None, description="the weights' dtype (--dtype), e.g. float32 or bfloat16")
+    fast_path: bool = Field(False, description="daytune's fused decode forward runs the model (Llama family)")
+    packed_linears: int = Field(
+        0, description="linear layers on weights packed once for oneDNN (bf16 on a CPU)"
+    )
     max_context: int
     max_new_tokens: int
     queue: dict[str, int]
