@@ -1,17 +1,21 @@
 """Where daytune's serving time goes on the vLLM benchmark's workload: the engine's own prefill and decode steps,
 in process (no HTTP), profiled by op class, against the floor the same machine sets for the same arithmetic.
 
-    python benchmarks/serve_profile.py [--rows 8] [--max-new-tokens 32] [--out benchmarks/results/serve_profile.json]
+    python benchmarks/serve_profile.py [--rows 8] [--max-new-tokens 32] [--dtype float32|bfloat16] [--threads N]
+                                       [--no-fast-path] [--out benchmarks/results/serve_profile.json]
 
 `--rows` GSM8K prompts of benchmarks/serve_vllm.py (no shots, greedy, top-1 log-probability), prefilled as one
 batch, then `--max-new-tokens` decode steps, exactly the calls the scheduler makes (engine.decode's `prefill`,
-`decode_step`, `choose_tokens`) on SmolLM2-135M fp32. Written:
+`decode_step`, `choose_tokens`) on SmolLM2-135M in `--dtype`, with the server's fast path (engine/fast.py; bf16 on a
+CPU packs its weights for oneDNN) unless `--no-fast-path`. Written:
 
 - wall time per decode step and of the prefill, and torch.profiler's self CPU time of the decode steps by op
   class (matmuls, attention, norms and activations, copies and layout, sampling and log-probabilities, other);
 - the part of a decode step no op accounts for (Python, dispatch, transformers' mask and cache bookkeeping);
 - the floor: the same step's linear layers alone, as one `torch.mm` per weight on the same rows (what a fused,
-  compiled step such as vLLM's CPU backend cannot go under), and that floor against the measured step.
+  compiled step such as vLLM's CPU backend cannot go under), and that floor against the measured step; the bytes of
+  weights a step reads, and the rate at which the step and the floor read them (a decode step of a few rows streams
+  every weight from memory once: no cache holds them).
 
 Run it alone: it measures the machine.
 """
@@ -47,6 +51,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=8, help="requests decoded together (the benchmark's clients)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--threads", type=int, help="torch threads (default: PyTorch's choice)")
+    ap.add_argument(
+        "--no-fast-path", action="store_true", help="transformers' forward, as before the fast path"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_profile.json")
     args = ap.parse_args()
 
@@ -54,10 +63,15 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from daytune.engine.decode import Sampling, choose_tokens, decode_step, prefill
+    from daytune.engine.fast import enable_fast_path, fast_forward
     from daytune.models import load_model, load_tokenizer, resolve_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     folder = resolve_model("smollm2-135m")
-    model, tok = load_model(folder).float().eval(), load_tokenizer(folder)
+    model, tok = load_model(folder, dtype=dtype).eval(), load_tokenizer(folder)
+    fast = False if args.no_fast_path else enable_fast_path(model, log=print)
     ids = [tok(p)["input_ids"] for p in prompts(args.rows, 0)]
     greedy, k1 = [Sampling()] * len(ids), [1] * len(ids)
 
@@ -91,7 +105,7 @@ def main() -> None:
     # the floor: every linear layer of one decode step as one mm on `rows` rows, nothing else
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings().weight
-    x = {w.shape[1]: torch.randn(len(ids), w.shape[1]) for w in weights}
+    x = {w.shape[1]: torch.randn(len(ids), w.shape[1], dtype=dtype) for w in weights}
     with torch.no_grad():
         for _ in range(3):
             [torch.mm(x[w.shape[1]], w.t()) for w in weights]
@@ -102,9 +116,13 @@ def main() -> None:
                 torch.mm(x[w.shape[1]], w.t())
         floor = (time.perf_counter() - t) / reps
     step = sorted(steps)[len(steps) // 2]
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     result = {
         "benchmark": "serve_profile",
         "model": "smollm2-135m",
+        "dtype": args.dtype,
+        "fast_path": fast,
+        "packed_linears": fast_forward(model).packed if fast else 0,
         "rows": len(ids),
         "max_new_tokens": args.max_new_tokens,
         "prompt_tokens_mean": round(sum(map(len, ids)) / len(ids), 1),
@@ -131,6 +149,9 @@ def main() -> None:
             "output_layer_shape": list(head.shape),
             "matmul_seconds_per_step": round(floor, 4),
             "step_over_floor": round(step / floor, 2),
+            "weight_bytes_per_step": weight_bytes,
+            "step_reads_gb_per_s": round(weight_bytes / step / 1e9, 2),
+            "floor_reads_gb_per_s": round(weight_bytes / floor / 1e9, 2),
             "note": "one torch.mm per linear layer on the same rows: the arithmetic every engine does per step",
         },
         "machine": {

@@ -4,7 +4,8 @@ A decode step of a small model on a CPU is mostly not arithmetic: transformers' 
 several Python calls per layer (RMSNorm alone is six ops), so SmolLM2-135M's 30 layers cost ~1,500 dispatches a
 step, about two thirds of a step of 8 rows in bf16 (benchmarks/serve_vllm.py). This forward does the same
 computation with fewer, larger ops: one matmul for q, k and v and one for the MLP's gate and up projections (their
-weights concatenated once; the model's own projections become views of the concatenation, so no memory is added),
+weights concatenated once; the model's own projections become views of the concatenation, so no memory is added;
+bf16 on a CPU keeps a copy packed for oneDNN beside them, engine/packed.py),
 PyTorch's fused `F.rms_norm`, `F.scaled_dot_product_attention` with grouped-query heads, and the rotary tables
 from the model's own rotary module (so every RoPE variant transformers supports is computed by transformers).
 
@@ -178,20 +179,17 @@ def fast_forward(model) -> FastForward | None:
 def enable_fast_path(model, *, log=None) -> bool:
     """Give an inference model the fast path when its architecture is one it computes exactly, bf16 weights on a
     CPU packed for oneDNN; check it against the model's own forward first (a prompt batch with padding, then a
-    decode step on the cache). False, with the model's forward kept, when it is not taken."""
+    decode step on the cache). False, with the model's own forward used, when it is not taken."""
     why = _unsupported(model)
     if why is None:
         dtype, device = (
             model.get_output_embeddings().weight.dtype,
             model.get_output_embeddings().weight.device,
         )
-        saved = {n: (m.weight, m.bias) for n, m in model.named_modules() if type(m) is nn.Linear}
+        # the model's projections become views of the fused weights: the same values, so a fast path that fails
+        # its check leaves a model that computes what it computed (and no second copy is ever held)
         fast = FastForward(model, pack=can_pack(dtype, device))
         why = _self_check(model, fast)
-        if why is not None:  # put the model's own weights back as they were
-            for n, m in model.named_modules():
-                if n in saved:
-                    m.weight, m.bias = saved[n]
     if why is not None:
         if log is not None:
             log(f"fast decode path not used: {why}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from daytune.engine.decode import Sampling
 from daytune.engine.fast import enable_fast_path, fast_forward
-from daytune.engine.packed import pack_linears
+from daytune.engine.packed import can_pack, pack_linears
 from daytune.engine.prefix_cache import PrefixCache
 from daytune.engine.text import StopWatcher, TextStream, cut_pieces, token_texts
 from daytune.errors import DaytuneError, ModelError
@@ -136,7 +136,7 @@ class ServeModel:
         log=print,
         dtype: str = "auto",
     ):
-        from daytune.hardware import pick_device
+        from daytune.hardware import inference_dtype, pick_device
 
         self.device = pick_device(device or "auto", "--device")
         # an adapter is merged into the weights where its method allows: no adapter cost per token
@@ -145,11 +145,15 @@ class ServeModel:
         self.model, tokenizer, eos = load_for_inference(
             source, self.device, merge=True, dtype=torch_dtype, log=log
         )
-        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        loaded = torch_dtype or inference_dtype(self.device)  # what load_for_inference loaded it in
+        self.dtype = str(loaded).removeprefix("torch.")
         # Llama-family models: fewer, fused ops per decode step (engine/fast.py); others: bf16 weights on a CPU
         # packed once for oneDNN (the fast path packs its own)
         self.fast_path = enable_fast_path(self.model, log=log)
-        self.packed = fast_forward(self.model).packed if self.fast_path else pack_linears(self.model)
+        if self.fast_path:
+            self.packed = fast_forward(self.model).packed
+        else:
+            self.packed = pack_linears(self.model) if can_pack(loaded, self.device) else 0
         # still a PeftModel: the method adds virtual tokens or attention paths
         if hasattr(self.model, "peft_config"):
             raise ModelError(
