@@ -38,6 +38,8 @@ from train_throughput import OP_CLASSES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CLASSES = {"sampling_logprobs": ("log_softmax", "argmax", "topk", "aten::item", "_local_scalar_dense"),
                  **{k: v for k, v in OP_CLASSES.items() if k != "loss"}}  # fmt: skip
+SERVE_CLASSES["matmul"] += ("_linear_pointwise",)  # oneDNN on packed weights (bf16 on a CPU)
+SERVE_CLASSES["norm_activation"] += ("rms_norm",)  # the fast path's fused RMSNorm
 
 
 def op_class(name: str) -> str:
